@@ -1,0 +1,28 @@
+"""Helpers for tests that talk to the bus from the outside (as the gateway will)."""
+
+from __future__ import annotations
+
+import redis
+
+from schemas import Event, decode, encode
+from workers.bus import FIELD
+from workers.keys import Keys
+
+
+def publish(r: redis.Redis, stream: str, event: Event) -> str:
+    return r.xadd(stream, {FIELD: encode(event)}).decode()
+
+
+def read_all(r: redis.Redis, stream: str) -> list[Event]:
+    return [decode(fields[FIELD]) for _id, fields in r.xrange(stream)]
+
+
+def dead_letters(r: redis.Redis, keys: Keys) -> list[Event]:
+    return read_all(r, keys.dead_letter())
+
+
+def pending(r: redis.Redis, stream: str, group: str) -> list[dict]:  # type: ignore[type-arg]
+    try:
+        return r.xpending_range(stream, group, min="-", max="+", count=10_000)
+    except redis.ResponseError:
+        return []

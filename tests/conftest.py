@@ -1,0 +1,120 @@
+"""Shared fixtures: a real Redis for every test, a unique key prefix per test.
+
+Redis comes from, in order: ``VOICEBUS_TEST_REDIS_URL`` (an external server);
+``VOICEBUS_TEST_REDIS=docker`` (testcontainers, only when a Docker engine
+answers); otherwise a private redis-server started by voicebus's own launcher,
+so the tests pass on a machine with no Redis running.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from workers.redis_server import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _docker_redis() -> Iterator[str]:
+    try:
+        import docker  # type: ignore[import-untyped]
+        from testcontainers.redis import RedisContainer  # type: ignore[import-untyped]
+    except ImportError:
+        pytest.exit("VOICEBUS_TEST_REDIS=docker needs the 'docker' extra (testcontainers)", 2)
+    try:
+        docker.from_env().ping()
+    except Exception as exc:  # no engine answers
+        pytest.exit(f"VOICEBUS_TEST_REDIS=docker but no Docker engine answers: {exc}", 2)
+    with RedisContainer("redis:7-alpine") as container:
+        host = container.get_container_host_ip()
+        yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    external = os.environ.get("VOICEBUS_TEST_REDIS_URL")
+    if external:
+        yield external
+    elif os.environ.get("VOICEBUS_TEST_REDIS") == "docker":
+        yield from _docker_redis()
+    else:
+        with EmbeddedRedis() as server:
+            yield server.url
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix no other test uses; its keys are deleted afterwards."""
+    value = f"t{uuid.uuid4().hex[:10]}"
+    yield value
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{value}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+class WorkerProcs:
+    """Worker processes started by a test; all are killed at the end."""
+
+    def __init__(self, url: str, prefix: str, tmp: Path) -> None:
+        self.url, self.prefix, self.tmp = url, prefix, tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, stage: str, **env: str) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{stage}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.run_stage", stage, self.url, self.prefix],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+        self.procs.append(proc)
+        deadline = time.monotonic() + 30
+        path = Path(log.name)
+        while b"started (group" not in path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {stage} did not start:\n{path.read_text()}")
+            time.sleep(0.05)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.tmp.glob("*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def workers(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[WorkerProcs]:
+    procs = WorkerProcs(redis_url, prefix, tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = ""):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)

@@ -1,0 +1,32 @@
+"""Run one test stage as a worker process: python -m tests.support.run_stage STAGE URL PREFIX."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from tests.support.stages import STAGES
+from workers.logs import setup_logging
+from workers.runtime import JobStage, JobWorker, RuntimeSettings, Worker
+from workers.sessions import SessionWorker
+
+
+def main() -> None:
+    stage_name, url, prefix = sys.argv[1:4]
+    setup_logging("INFO", "text", component=stage_name)
+    settings = RuntimeSettings(
+        url=url, prefix=prefix,
+        claim_idle_ms=int(os.environ.get("TEST_CLAIM_IDLE_MS", "1000")),
+        block_ms=200, shutdown_grace_s=float(os.environ.get("TEST_GRACE_S", "5")),
+        janitor_interval_s=1.0, max_deliveries=int(os.environ.get("TEST_MAX_DELIVERIES", "5")),
+        concurrency=int(os.environ.get("TEST_CONCURRENCY", "4")))
+    stage = STAGES[stage_name]
+    worker: Worker = (JobWorker(stage, settings) if isinstance(stage, JobStage)
+                      else SessionWorker(stage, settings))
+    print(f"READY {worker.consumer}", flush=True)
+    asyncio.run(worker.run(install_signals=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Stages used by the tests: small, real handlers run inside the real runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+from schemas import AudioChunk, AudioFrame, Event, SessionStarted, Transcript, TurnEnded
+from workers.runtime import Context, Emit, JobStage
+from workers.sessions import SessionStage
+
+# Seconds a handler sleeps before answering (to have something to kill mid-way).
+DELAY = float(os.environ.get("TEST_STAGE_DELAY", "0"))
+
+
+class EchoSession:
+    """Echoes every frame of a session to its out stream as an audio chunk, same seq."""
+
+    def __init__(self, started: SessionStarted) -> None:
+        self.session_id = started.session_id
+
+    async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
+        if isinstance(event, AudioFrame):
+            if DELAY:
+                await asyncio.sleep(DELAY)
+            yield Emit(ctx.keys.out(self.session_id), AudioChunk(
+                session_id=self.session_id, turn_id="echo", seq=event.seq,
+                sample_rate=event.sample_rate, pcm=event.pcm))
+
+    async def close(self) -> None:
+        pass
+
+
+async def transcribe_slowly(event: Event, ctx: Context) -> AsyncIterator[Emit]:
+    """A job stage: TurnEnded -> one Transcript on the session's out stream."""
+    if isinstance(event, TurnEnded):
+        if event.rule == "poison":
+            raise RuntimeError("this turn always fails")
+        if DELAY:
+            await asyncio.sleep(DELAY)
+        yield Emit(ctx.keys.out(event.session_id), Transcript(
+            session_id=event.session_id, turn_id=event.turn_id,
+            text=f"heard {len(event.audio)} bytes by {ctx.consumer}"))
+
+
+async def chunked_until_cancelled(event: Event, ctx: Context) -> AsyncIterator[Emit]:
+    """Streams 50 chunks, 20 ms apart, stopping at the first chunk after a cancel."""
+    if isinstance(event, TurnEnded):
+        for i in range(50):
+            if ctx.cancelled():
+                return
+            yield Emit(ctx.keys.out(event.session_id), AudioChunk(
+                session_id=event.session_id, turn_id=event.turn_id, seq=i,
+                sample_rate=16000, pcm=b"\0\0" * 160))
+            await asyncio.sleep(0.02)
+
+
+STAGES = {
+    "echo-session": SessionStage("vad", EchoSession),
+    "slow-asr": JobStage("asr", transcribe_slowly),
+    "chunker": JobStage("tts", chunked_until_cancelled),
+}

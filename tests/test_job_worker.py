@@ -1,0 +1,220 @@
+"""The job-stage runtime through real worker processes and a real redis-server."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import redis
+
+from schemas import DeadLetter, Transcript, TurnEnded, encode
+from tests.busutil import dead_letters, pending, publish, read_all
+from tests.conftest import wait_for
+from workers.bus import FIELD
+from workers.keys import Keys
+
+
+def turn(session: str, turn_id: str, rule: str = "", size: int = 320) -> TurnEnded:
+    return TurnEnded(session_id=session, turn_id=turn_id, sample_rate=16000,
+                     audio=b"\0" * size, speech_start_ms=0, speech_end_ms=10, decided_ms=10,
+                     rule=rule)
+
+
+def test_handles_jobs_and_acks_them(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    workers.start("slow-asr")
+    for i in range(10):
+        publish(sync_redis, keys.queue("asr"), turn("s1", f"t{i}"))
+    out = wait_for(lambda: (e := read_all(sync_redis, keys.out("s1"))) and len(e) == 10 and e,
+                   what="10 transcripts")
+    # Jobs run concurrently (load-balanced), so their outputs may interleave.
+    assert sorted(e.turn_id for e in out) == sorted(f"t{i}" for i in range(10))
+    assert all(isinstance(e, Transcript) and "320 bytes" in e.text for e in out)
+    wait_for(lambda: not pending(sync_redis, keys.queue("asr"), "asr"), what="acks")
+
+
+def test_killed_worker_mid_job_is_finished_by_a_peer_exactly_once(
+        workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    env = {"TEST_STAGE_DELAY": "2.0", "TEST_CLAIM_IDLE_MS": "1000"}
+    first = workers.start("slow-asr", **env)
+    publish(sync_redis, queue, turn("s1", "t1"))
+    held = wait_for(lambda: pending(sync_redis, queue, "asr"), what="the job to be taken")
+    victim = held[0]["consumer"].decode()
+    assert str(first.pid) in victim
+    second = workers.start("slow-asr", **env)
+    killed_at = time.monotonic()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+    out = wait_for(lambda: read_all(sync_redis, keys.out("s1")), timeout=30, what="output")
+    assert time.monotonic() - killed_at >= 1.0  # only after the claim idle time
+    time.sleep(1.5)  # room for a duplicate to show up, if there were one
+    out = read_all(sync_redis, keys.out("s1"))
+    assert len(out) == 1
+    assert str(second.pid) in out[0].text  # the peer did it
+    assert not pending(sync_redis, queue, "asr")
+    assert "reclaimed" in workers.logs()
+
+
+def test_poison_goes_to_dead_letters_and_the_worker_carries_on(
+        workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    proc = workers.start("slow-asr")
+    valid = 0
+    assert b"\xa1v\x01" in encode(turn("s1", "x"))
+    bad_raw = [
+        b"\xc1 not msgpack",
+        encode(turn("s1", "x")).replace(b"\xa1v\x01", b"\xa1v\x09"),  # version 9
+        b"\x82\xa4type\xabaudio_frame\xa1v",  # truncated mid-map
+    ]
+    for i in range(12):
+        publish(sync_redis, queue, turn("s1", f"ok{i}"))
+        valid += 1
+        if i % 4 == 0 and bad_raw:
+            sync_redis.xadd(queue, {FIELD: bad_raw.pop(0)})
+    sync_redis.xadd(queue, {FIELD: b"\0" * (5 * 1024 * 1024)})  # oversized
+    publish(sync_redis, queue, turn("s1", "poison", rule="poison"))  # the handler always raises
+    sync_redis.xadd(queue, {b"unexpected": b"field"})  # no payload at all
+    publish(sync_redis, queue, turn("s1", "last"))
+    valid += 1
+
+    out = wait_for(lambda: (e := read_all(sync_redis, keys.out("s1"))) and len(e) == valid and e,
+                   what="every valid event")
+    assert sorted(e.turn_id for e in out) == sorted([f"ok{i}" for i in range(12)] + ["last"])
+    dead = wait_for(lambda: (d := dead_letters(sync_redis, keys)) and len(d) == 6 and d,
+                    what="6 dead letters")
+    assert all(isinstance(d, DeadLetter) and d.stream == queue and d.group == "asr"
+               for d in dead)
+    reasons = " | ".join(d.reason for d in dead)
+    for expected in ("undecodable", "unsupported_version", "oversized",
+                     "handler raised RuntimeError: this turn always fails (3 attempts)"):
+        assert expected in reasons
+    poisoned = next(d for d in dead if "handler raised" in d.reason)
+    assert poisoned.session_id == "s1"
+    wait_for(lambda: not pending(sync_redis, queue, "asr"), what="everything acked")
+    assert proc.poll() is None  # still alive
+
+
+def test_entry_delivered_too_often_is_dead_lettered(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    """An entry whose earlier takers all died (delivery count over the limit)."""
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    sync_redis.xgroup_create(queue, "asr", id="0", mkstream=True)
+    entry = publish(sync_redis, queue, turn("s1", "crasher"))
+    sync_redis.xreadgroup("asr", "ghost", {queue: ">"})
+    for _ in range(4):  # four more deliveries to consumers that "died"
+        sync_redis.xclaim(queue, "asr", "ghost", 0, [entry])
+    workers.start("slow-asr", TEST_MAX_DELIVERIES="5")
+    dead = wait_for(lambda: dead_letters(sync_redis, keys), what="dead letter")
+    assert dead[0].entry_id == entry and "delivered 6 times (limit 5)" in dead[0].reason
+    assert read_all(sync_redis, keys.out("s1")) == []
+
+
+def test_sigterm_finishes_in_flight_work_and_leaves_the_rest(
+        workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    proc = workers.start("slow-asr", TEST_STAGE_DELAY="1.0", TEST_CONCURRENCY="2")
+    for i in range(6):
+        publish(sync_redis, queue, turn("s1", f"t{i}"))
+    wait_for(lambda: len(pending(sync_redis, queue, "asr")) == 2, what="two jobs in flight")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    done = read_all(sync_redis, keys.out("s1"))
+    assert len(done) == 2  # the two in flight were finished, nothing new was started
+    assert not pending(sync_redis, queue, "asr")  # ...and acked
+    info = {g["name"].decode(): g for g in sync_redis.xinfo_groups(queue)}["asr"]
+    assert info["consumers"] == 0  # it removed its own consumer
+
+    workers.start("slow-asr")
+    out = wait_for(lambda: (e := read_all(sync_redis, keys.out("s1"))) and len(e) == 6 and e,
+                   what="the rest, by a new worker")
+    assert sorted(e.turn_id for e in out) == [f"t{i}" for i in range(6)]
+
+
+def test_sigterm_past_the_grace_period_acks_nothing_unfinished(
+        workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    proc = workers.start("slow-asr", TEST_STAGE_DELAY="30", TEST_GRACE_S="0.5")
+    publish(sync_redis, queue, turn("s1", "long"))
+    wait_for(lambda: pending(sync_redis, queue, "asr"), what="job in flight")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert len(pending(sync_redis, queue, "asr")) == 1  # left for a peer
+    assert read_all(sync_redis, keys.out("s1")) == []
+    workers.start("slow-asr", TEST_CLAIM_IDLE_MS="500")
+    out = wait_for(lambda: read_all(sync_redis, keys.out("s1")), what="peer finishing it")
+    assert [e.turn_id for e in out] == ["long"]
+
+
+def test_cancel_stops_a_streaming_handler_between_chunks(
+        workers, prefix, sync_redis, redis_url) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from workers.bus import Bus, connect
+    from workers.cancel import CancelLane
+
+    keys = Keys(prefix)
+    workers.start("chunker")
+    publish(sync_redis, keys.queue("tts"), turn("s1", "t1"))
+    wait_for(lambda: sync_redis.xlen(keys.out("s1")) >= 5, what="first chunks")
+
+    async def cancel() -> None:
+        client = connect(redis_url)
+        await CancelLane(Bus(client, keys), 60).cancel("s1", "t1", "barge-in")
+        await client.aclose()
+
+    asyncio.run(cancel())
+    cancelled_at = sync_redis.xlen(keys.out("s1"))
+    time.sleep(0.5)
+    sent = sync_redis.xlen(keys.out("s1"))
+    assert sent < 50 and sent - cancelled_at <= 2  # at most the chunk in hand
+    wait_for(lambda: not pending(sync_redis, keys.queue("tts"), "tts"), what="ack")
+
+    # A job of a turn that was cancelled before it was taken is skipped outright.
+    publish(sync_redis, keys.queue("tts"), turn("s1", "t1"))
+    publish(sync_redis, keys.queue("tts"), turn("s2", "t2"))
+    wait_for(lambda: sync_redis.xlen(keys.out("s2")) == 50, what="the other turn")
+    assert sync_redis.xlen(keys.out("s1")) == sent
+    assert "skipping turn_ended of a cancelled turn" in workers.logs()
+
+
+def test_worker_survives_a_redis_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import WorkerProcs
+    from workers.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis()
+    server.start()
+    procs = WorkerProcs(server.url, "rs", tmp_path)
+    try:
+        client = redis.Redis.from_url(server.url)
+        keys = Keys("rs")
+        proc = procs.start("slow-asr")
+        publish(client, keys.queue("asr"), turn("s1", "before"))
+        wait_for(lambda: client.xlen(keys.out("s1")) == 1, what="first job")
+
+        server.stop(keep_data=True)
+        time.sleep(3)  # the worker sees Redis gone for a few seconds
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        publish(client, keys.queue("asr"), turn("s1", "after"))
+        out = wait_for(lambda: (e := read_all(client, keys.out("s1"))) and len(e) == 2 and e,
+                       timeout=30, what="job after restart")
+        assert [e.turn_id for e in out] == ["before", "after"]
+
+        client.flushall()  # Redis lost everything: groups are recreated
+        publish(client, keys.queue("asr"), turn("s1", "after-flush"))
+        wait_for(lambda: read_all(client, keys.out("s1")), timeout=30, what="job after flush")
+        assert proc.poll() is None
+        logs = procs.logs()
+        assert "Redis unreachable" in logs and "reachable again" in logs
+        assert logs.count("Redis unreachable") <= 3  # logged once per outage, not per retry
+    finally:
+        procs.stop_all()
+        server.stop()

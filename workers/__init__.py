@@ -1,0 +1,1 @@
+"""voicebus workers: independent processes that talk over Redis Streams."""

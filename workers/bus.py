@@ -1,0 +1,189 @@
+"""The stream operations every worker and publisher shares.
+
+Writes that must not be half-done are Lua scripts (atomic in Redis):
+
+* ``emit``: write one output of an input entry *once*. The output's ordinal
+  within that entry's handling is recorded in a small dedup hash, so when the
+  entry is handled again (a retry, or a peer reclaiming it after a crash) the
+  outputs already written are not written twice.
+* ``ack``: acknowledge entries and drop their dedup hashes in one step.
+* ``dead_letter``: record the entry on the dead-letter stream and ack it.
+* ``renew``: re-claim our own in-flight entries (a lease), but only those still
+  ours: an entry a peer has taken over is reported back as lost.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+
+from schemas import DeadLetter, Event, encode
+from workers.keys import Keys, StreamKind
+
+FIELD = b"e"  # the one field of every entry: the encoded event
+
+_EMIT = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return false end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
+"""
+
+# KEYS[1] = stream, KEYS[2..] = dedup hashes; ARGV[1] = group, ARGV[2..] = ids
+_ACK = """
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+if #KEYS > 1 then redis.call('DEL', unpack(KEYS, 2)) end
+return n
+"""
+
+# KEYS: stream, dead-letter stream, dedup hash; ARGV: group, id, maxlen, payload
+_DEAD_LETTER = """
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[4])
+redis.call('DEL', KEYS[3])
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# KEYS[1] = stream; ARGV: group, consumer, ids... Returns the ids still ours.
+_RENEW = """
+local kept = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept[#kept + 1] = ARGV[i]
+  end
+end
+return kept
+"""
+
+
+def connect(url: str, *, blocking_ms: int = 0) -> aioredis.Redis:
+    """A client with no hidden retries: our loops retry with back-off themselves.
+
+    A client used for blocking reads gets a socket timeout longer than the block.
+    redis-py drops (never reuses) a connection whose command was cancelled, so a
+    cancelled read cannot leave a stray reply for the next command.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=5.0 + blocking_ms / 1000,
+        socket_connect_timeout=2.0,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=False,
+        health_check_interval=0,
+    )
+
+
+Entry = tuple[str, dict[bytes, bytes]]
+Replies = list[tuple[str, list[Entry]]]
+
+
+def _entries(reply: Any) -> Replies:
+    """redis-py's stream replies, with ids and stream names as str."""
+    return [(as_str(name), [(as_str(i), f) for i, f in entries]) for name, entries in reply or []]
+
+
+async def read_group(client: aioredis.Redis, group: str, consumer: str,
+                     streams: Mapping[str, str], count: int, block_ms: int) -> Replies:
+    reply = await client.xreadgroup(group, consumer, cast(Any, dict(streams)),
+                                    count=count, block=block_ms)
+    return _entries(reply)
+
+
+async def read(client: aioredis.Redis, streams: Mapping[str, str], count: int,
+               block_ms: int) -> Replies:
+    return _entries(await client.xread(cast(Any, dict(streams)), count=count, block=block_ms))
+
+
+def consumer_name(stage: str) -> str:
+    """Unique per process: ``stage-host-pid-random``."""
+    return f"{stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def as_str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass
+class Bus:
+    """Stream operations on one Redis, under one key prefix."""
+
+    redis: aioredis.Redis
+    keys: Keys
+    maxlen: dict[str, int] = field(default_factory=dict)
+    dedup_ttl_ms: int = 3_600_000
+
+    def __post_init__(self) -> None:
+        self._emit = self.redis.register_script(_EMIT)
+        self._ack = self.redis.register_script(_ACK)
+        self._dead = self.redis.register_script(_DEAD_LETTER)
+        self._renew = self.redis.register_script(_RENEW)
+
+    def maxlen_for(self, stream: str) -> int:
+        kind: StreamKind | None = self.keys.kind(stream)
+        return self.maxlen.get(kind or "queue", 10_000)
+
+    async def publish(self, stream: str, event: Event) -> str:
+        """Append an event (not on behalf of an input entry: no dedup)."""
+        entry_id = await self.redis.xadd(
+            stream, {FIELD: encode(event)}, maxlen=self.maxlen_for(stream), approximate=True
+        )
+        return as_str(entry_id)
+
+    async def emit(self, source: str, group: str, entry_id: str, ordinal: int,
+                   stream: str, event: Event) -> str | None:
+        """Write output ``ordinal`` of input ``entry_id`` once; None if already written."""
+        result = await self._emit(
+            keys=[self.keys.dedup(source, group, entry_id), stream],
+            args=[ordinal, self.maxlen_for(stream), encode(event), self.dedup_ttl_ms],
+        )
+        return as_str(result) if result else None
+
+    async def ack(self, stream: str, group: str, entry_ids: Sequence[str],
+                  emitted: Sequence[str] = ()) -> int:
+        """Ack entries; ``emitted`` are those that wrote outputs (their dedup hashes go)."""
+        if not entry_ids:
+            return 0
+        dedup = [self.keys.dedup(stream, group, i) for i in emitted]
+        return int(await self._ack(keys=[stream, *dedup], args=[group, *entry_ids]))
+
+    async def dead_letter(self, stream: str, group: str, entry_id: str,
+                          letter: DeadLetter) -> None:
+        dead = self.keys.dead_letter()
+        await self._dead(
+            keys=[stream, dead, self.keys.dedup(stream, group, entry_id)],
+            args=[group, entry_id, self.maxlen_for(dead), encode(letter)],
+        )
+
+    async def renew(self, stream: str, group: str, consumer: str,
+                    entry_ids: Sequence[str]) -> set[str]:
+        """Renew our lease on in-flight entries; returns those still ours."""
+        if not entry_ids:
+            return set()
+        kept = await self._renew(keys=[stream], args=[group, consumer, *entry_ids])
+        return {as_str(i) for i in kept}
+
+    async def ensure_group(self, stream: str, group: str, start: str = "0") -> None:
+        try:
+            await self.redis.xgroup_create(stream, group, id=start, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def deliveries(self, stream: str, group: str, entry_ids: Sequence[str]) -> dict[str, int]:
+        """How many times each pending entry has been delivered."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+        counts: dict[str, int] = {}
+        for entry_id, rows in zip(entry_ids, await pipe.execute(), strict=True):
+            counts[entry_id] = int(rows[0]["times_delivered"]) if rows else 0
+        return counts

@@ -1,0 +1,391 @@
+"""Validated voicebus configuration: built-in defaults < YAML file < environment.
+
+Every model forbids unknown keys, so a typo fails at startup instead of silently
+running with a default.
+"""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self, get_args
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+ENV_PREFIX = "VOICEBUS_"
+# Conventional variables other tools already set; the VOICEBUS_ form still wins.
+CONVENTIONAL_ENV = {
+    "REDIS_URL": "redis.url",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "tracing.otlp_endpoint",
+}
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# Tiny caps make approximate XADD trimming thrash and drop entries still being worked on.
+MaxLen = Annotated[int, Field(ge=100)]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; each problem names a dotted key and where its value came from."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class _Section(BaseModel):
+    # Inherited by every model below: unknown keys are errors, values are immutable.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SmartTurnConfig(_Section):
+    """Smart Turn v3 end-of-turn classifier (ONNX)."""
+    model_config = ConfigDict(protected_namespaces=())  # allow the model_path field
+    model_path: str | None = None  # None: the model file shipped inside pipecat-ai
+    threshold: Probability = 0.5
+    confidence_threshold: Probability = 0.7
+    trigger_silence: PositiveFloat = 0.2  # the model only runs after this much silence
+    max_audio: PositiveFloat = 8.0  # the model was trained on windows of at most 8 s
+
+
+class VadFallbackConfig(_Section):
+    """Plain silence timeout, used when Smart Turn is unsure or unavailable."""
+    enabled: bool = True
+    silence_timeout: PositiveFloat = 1.5
+    min_speech_duration: NonNegativeFloat = 0.8  # shorter bursts are coughs and clicks
+
+
+class QualityGatingConfig(_Section):
+    """Drop audio too noisy to transcribe rather than hallucinate a turn."""
+    enabled: bool = True
+    min_snr: Probability = 0.3
+    max_noise_level: Probability = 0.5
+
+
+class AdaptiveConfig(_Section):
+    """Per-user threshold tuning, learned from that user's speech over time."""
+    enabled: bool = False
+    adjustment_rate: Probability = 0.1
+
+
+class VadConfig(_Section):
+    """Voice activity and end-of-turn detection."""
+    type: Literal["hybrid", "silero", "smart_turn"] = "hybrid"
+    sample_rate: PositiveInt = 16000
+    smart_turn: SmartTurnConfig = Field(default_factory=SmartTurnConfig)
+    fallback: VadFallbackConfig = Field(default_factory=VadFallbackConfig)
+    quality_gating: QualityGatingConfig = Field(default_factory=QualityGatingConfig)
+    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
+
+
+class AsrConfig(_Section):
+    """Speech recognition with faster-whisper."""
+    model: str = Field(default="tiny.en", min_length=1)
+    compute_type: str = "int8"
+    beam_size: PositiveInt = 1  # 1 is greedy decoding: lowest latency
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    cpu_threads: NonNegativeInt = 2  # 0 lets CTranslate2 pick
+    language: str | None = "en"  # None: detect per utterance (slower)
+
+
+class LlmConfig(_Section):
+    """OpenAI-compatible chat completions endpoint."""
+    base_url: str | None = None  # None: the local server voicebus starts
+    api_key: str = "not-needed"
+    model: str = Field(default="qwen2.5-coder-1.5b-instruct", min_length=1)
+    timeout: PositiveFloat = 10.0
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    max_tokens: PositiveInt = 256
+    chunking: Literal["sentence", "word"] = "sentence"
+    word_chunk_min: PositiveInt = 3
+    word_chunk_max: PositiveInt = 5
+    system_prompt: str = (
+        "You are a helpful voice assistant. Answer in one to three short spoken sentences. "
+        "Never use markdown, lists, code or emoji: everything you write is read aloud."
+    )
+    apology: str = "I'm having trouble processing that. Could you rephrase?"
+
+    @model_validator(mode="after")
+    def _chunk_bounds(self) -> Self:
+        if self.word_chunk_min > self.word_chunk_max:
+            raise ValueError("word_chunk_min must be <= word_chunk_max")
+        return self
+
+
+class TtsConfig(_Section):
+    """Speech synthesis."""
+    backend: Literal["piper", "chatterbox", "espeak"] = "piper"
+    fallback: Literal["espeak", "none"] = "espeak"
+    voice: str | None = None  # None: the backend's default voice
+    sample_rate: PositiveInt = 24000
+    chunk_size: PositiveInt = 25  # smaller: earlier first audio
+    batch_size: PositiveInt = 1  # batching trades first-chunk latency for throughput
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+class SummarizationConfig(_Section):
+    """Fold old history into a summary instead of dropping it."""
+    enabled: bool = True
+    trigger_at: PositiveInt = 40  # messages stored before summarizing
+    keep_summary: bool = True
+    keep_recent: NonNegativeInt = 10  # messages kept verbatim after summarizing
+
+
+class MemoryConfig(_Section):
+    """Per-user conversation history in Redis."""
+    max_messages_per_user: PositiveInt = 50
+    message_ttl: PositiveInt = 86400  # seconds
+    summarization: SummarizationConfig = Field(default_factory=SummarizationConfig)
+
+    @model_validator(mode="after")
+    def _summarization_fits(self) -> Self:
+        s = self.summarization
+        # Only matters when summarization runs; otherwise the cap alone trims history.
+        if s.enabled and not s.keep_recent < s.trigger_at <= self.max_messages_per_user:
+            raise ValueError(
+                "need summarization.keep_recent < summarization.trigger_at"
+                f" <= max_messages_per_user, got {s.keep_recent}, {s.trigger_at}"
+                f", {self.max_messages_per_user}"
+            )
+        return self
+
+
+class ContextWindowConfig(_Section):
+    """How much history is sent to the LLM per turn."""
+    max_tokens: PositiveInt = 4000
+    keep_recent_messages: PositiveInt = 20
+
+
+class MaxLenConfig(_Section):
+    """Approximate MAXLEN per stream family, so a stalled consumer can't exhaust memory."""
+    audio: MaxLen = 6000
+    queue: MaxLen = 10000
+    out: MaxLen = 4000
+    control: MaxLen = 10000
+    sessions: MaxLen = 100000
+    dead_letter: MaxLen = 10000
+
+
+class RedisConfig(_Section):
+    """Redis Streams transport."""
+    url: str | None = None  # None: voicebus starts an embedded redis-server
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "vb"
+    claim_idle_ms: Annotated[int, Field(ge=100)] = 5000  # pending this long: a peer may claim it
+    block_ms: Annotated[int, Field(ge=10)] = 1000
+    max_deliveries: PositiveInt = 5  # then the entry goes to the dead-letter stream
+    handler_attempts: PositiveInt = 3  # in-process retries before leaving it pending
+    max_event_bytes: Annotated[int, Field(ge=1024)] = 4194304
+    consumer_gc_idle_s: PositiveFloat = 600.0  # idle consumers with nothing pending are deleted
+    session_ttl_s: PositiveInt = 3600
+    maxlen: MaxLenConfig = Field(default_factory=MaxLenConfig)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class WorkerConfig(_Section):
+    """Worker process behaviour."""
+    concurrency: PositiveInt = 4  # events handled at once per worker process
+    shutdown_grace_s: PositiveFloat = 10.0  # in-flight handlers get this long on SIGTERM
+    janitor_interval_s: PositiveFloat = 10.0  # how often stuck entries are reclaimed
+
+
+class TracingConfig(_Section):
+    """OpenTelemetry spans; written locally as JSON lines when no OTLP endpoint is set."""
+    enabled: bool = True
+    service_name: str = Field(default="voicebus", min_length=1)
+    otlp_endpoint: str | None = None
+    otlp_protocol: Literal["grpc", "http/protobuf"] = "http/protobuf"
+    local_path: str = "~/.cache/voicebus/spans.jsonl"
+    capture_content: bool = False  # transcripts and replies are personal data
+
+
+class LogConfig(_Section):
+    """Process logging."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+
+class Config(_Section):
+    """The whole voicebus configuration."""
+    vad: VadConfig = Field(default_factory=VadConfig)
+    asr: AsrConfig = Field(default_factory=AsrConfig)
+    llm: LlmConfig = Field(default_factory=LlmConfig)
+    tts: TtsConfig = Field(default_factory=TtsConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    context_window: ContextWindowConfig = Field(default_factory=ContextWindowConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def dump_yaml(self) -> str:
+        """This configuration as YAML that `load_config` reads back unchanged."""
+        text: str = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, width=100)
+        return text
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load defaults, then the YAML file (if any), then environment overrides.
+
+    File: `path`, else $VOICEBUS_CONFIG, else ./config.yaml if present, else none.
+    Raises ConfigError listing every bad key with its source.
+    """
+    env = os.environ if env is None else env
+    data: dict[Any, Any] = {}
+    sources: dict[str, str] = {}  # dotted key -> where its value came from
+    file = _find_file(path, env)
+    if file is not None:
+        data = _read_yaml(file)
+        _record(data, (), str(file), sources)
+    problems = _apply_env(data, sources, env)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems += [_describe(dict(e), sources) for e in exc.errors()]
+    else:
+        if not problems:
+            return config
+    raise ConfigError(problems)
+
+
+def _find_file(path: str | Path | None, env: Mapping[str, str]) -> Path | None:
+    if path is not None:
+        p, origin = Path(path).expanduser(), "load_config argument"
+    elif env.get("VOICEBUS_CONFIG"):
+        p, origin = Path(env["VOICEBUS_CONFIG"]).expanduser(), "VOICEBUS_CONFIG"
+    else:
+        p = Path("config.yaml")
+        return p if p.is_file() else None
+    if not p.is_file():
+        raise ConfigError([f"config file not found: {p} (from {origin})"])
+    return p
+
+
+def _read_yaml(p: Path) -> dict[Any, Any]:
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{p}: cannot read: {exc}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{p}: invalid YAML: {exc}"]) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: top level must be a mapping, got {type(data).__name__}"])
+    return data
+
+
+def _record(value: object, prefix: tuple[str, ...], source: str, sources: dict[str, str]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _record(v, (*prefix, str(k)), source, sources)
+    elif prefix:
+        sources[".".join(prefix)] = source
+
+
+def _apply_env(data: dict[Any, Any], sources: dict[str, str], env: Mapping[str, str]) -> list[str]:
+    problems: list[str] = []
+    overrides = [
+        (tuple(key.split(".")), env[name], name) for name, key in CONVENTIONAL_ENV.items()
+        if env.get(name)
+    ]
+    for name in sorted(env):  # sorted: deterministic when names differ only by case
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = tuple(name[len(ENV_PREFIX) :].lower().split("__"))
+        if parts[0] not in Config.model_fields and len(parts) == 1:
+            continue  # VOICEBUS_CONFIG and friends: not a config key
+        overrides.append((parts, env[name], name))
+    for parts, raw, name in overrides:
+        info = _field_at(parts)
+        if isinstance(info, str):
+            problems.append(f"{info} (from {name})")
+            continue
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = _parse_value(raw, info)
+        dotted = ".".join(parts)
+        for key in [k for k in sources if f"{k}.".startswith(f"{dotted}.")]:
+            del sources[key]
+        sources[dotted] = name
+    return problems
+
+
+def _field_at(parts: tuple[str, ...]) -> FieldInfo | str:
+    """The leaf field `parts` names, or a problem description."""
+    model: type[BaseModel] = Config
+    for i, part in enumerate(parts):
+        if part not in model.model_fields:
+            return f"{'.'.join(parts[: i + 1])}: unknown key"
+        info = model.model_fields[part]
+        ann = info.annotation
+        if i == len(parts) - 1:
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                return f"{'.'.join(parts)}: is a section; set its keys one by one"
+            return info
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return f"{'.'.join(parts[: i + 2])}: unknown key"
+        model = ann
+    raise AssertionError("unreachable")
+
+
+def _parse_value(raw: str, info: FieldInfo) -> object:
+    optional = type(None) in get_args(info.annotation)
+    if raw.strip().lower() in ("", "null", "~", "none") and optional:
+        return None
+    if info.annotation is str or str in get_args(info.annotation):
+        return raw  # keep "no", "1.0" or "a: b" as text for string keys
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw  # let pydantic report it as a bad value
+
+
+def _describe(err: dict[str, Any], sources: dict[str, str]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    src = _source_of(loc, sources)
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (from {src})"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    got = "" if isinstance(value, dict | list) else f"got {_short(value)}, "
+    return f"{loc}: {msg} ({got}from {src})"
+
+
+def _source_of(loc: str, sources: dict[str, str]) -> str:
+    if loc in sources:
+        return sources[loc]
+    below = dict.fromkeys(s for k, s in sources.items() if k.startswith(loc + "."))
+    if below:
+        return ", ".join(below)
+    parents = [k for k in sources if loc.startswith(f"{k}.")]
+    return sources[max(parents, key=len)] if parents else "defaults"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,82 @@
+"""Housekeeping that keeps streams bounded and consumer lists clean.
+
+Trimming never removes an entry some group still needs: a stream is trimmed up
+to the oldest entry that is pending or not yet delivered in any of its groups
+(``XTRIM MINID``). The ``MAXLEN ~`` cap on every ``XADD`` is the hard bound
+behind it, for a stream whose consumers are gone for good.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis.asyncio as aioredis
+
+from workers.bus import as_str
+
+log = logging.getLogger(__name__)
+
+# Delete a consumer only if it holds nothing: checked and done in one atomic step.
+_DELETE_IF_IDLE = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+def _successor(entry_id: str) -> str:
+    ms, seq = entry_id.split("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+async def trim_consumed(redis: aioredis.Redis, stream: str) -> int:
+    """Drop entries every group has acknowledged; returns how many went."""
+    groups = await redis.xinfo_groups(stream)
+    if not groups:
+        return 0
+    keep_from: str | None = None
+    for group in groups:
+        name = as_str(group["name"])
+        candidate = _successor(as_str(group["last-delivered-id"]))
+        if int(group["pending"]):
+            summary = await redis.xpending(stream, name)
+            oldest = as_str(summary["min"])
+            candidate = min(candidate, oldest, key=_id_key)
+        if keep_from is None or _id_key(candidate) < _id_key(keep_from):
+            keep_from = candidate
+    if keep_from is None or keep_from == "0-1":
+        return 0
+    return int(await redis.xtrim(stream, minid=keep_from, approximate=True))
+
+
+async def remove_idle_consumers(
+    redis: aioredis.Redis, stream: str, group: str, idle_s: float, keep: str
+) -> list[str]:
+    """Delete consumers with nothing pending that have been idle for ``idle_s``.
+
+    A consumer that still holds pending entries is never deleted: deleting it
+    would drop those entries from the group. Its work is reclaimed first.
+    """
+    removed: list[str] = []
+    delete_if_idle = redis.register_script(_DELETE_IF_IDLE)
+    for consumer in await redis.xinfo_consumers(stream, group):
+        name = as_str(consumer["name"])
+        if name == keep or int(consumer["pending"]) or int(consumer["idle"]) < idle_s * 1000:
+            continue
+        if int(await delete_if_idle(keys=[stream], args=[group, name])) >= 0:
+            removed.append(name)
+    if removed:
+        log.info("removed idle consumers from %s/%s: %s", stream, group, ", ".join(removed))
+    return removed
+
+
+async def remove_consumer_if_idle(redis: aioredis.Redis, stream: str, group: str,
+                                  consumer: str) -> bool:
+    """Delete one consumer if it holds no pending entries (atomic check-and-delete)."""
+    delete_if_idle = redis.register_script(_DELETE_IF_IDLE)
+    return int(await delete_if_idle(keys=[stream], args=[group, consumer])) >= 0

@@ -1,0 +1,78 @@
+"""Names of every Redis key voicebus uses, in one place.
+
+Keys of one session carry a ``{session_id}`` hash tag so that they live in one
+Redis Cluster slot. Every key starts with the configured prefix, so several
+deployments (or tests) can share one Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+StreamKind = Literal["audio", "queue", "out", "control", "sessions", "dead_letter"]
+
+# The stages that are plain work queues (any free worker takes the next job).
+JOB_STAGES = ("asr", "llm", "tts")
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "vb"
+
+    # -- streams --------------------------------------------------------
+    def sessions(self) -> str:
+        """Announcements of live sessions; the session-affine stage claims them."""
+        return f"{self.prefix}:sessions"
+
+    def audio(self, session_id: str) -> str:
+        """A session's microphone frames, in capture order."""
+        return f"{self.prefix}:{{{session_id}}}:audio"
+
+    def out(self, session_id: str) -> str:
+        """What goes back to the session's device (audio chunks, transcripts...)."""
+        return f"{self.prefix}:{{{session_id}}}:out"
+
+    def queue(self, stage: str) -> str:
+        """The work queue of a job stage."""
+        return f"{self.prefix}:q:{stage}"
+
+    def control(self) -> str:
+        """The control lane: cancels never wait behind audio or jobs."""
+        return f"{self.prefix}:control"
+
+    def dead_letter(self) -> str:
+        return f"{self.prefix}:dead"
+
+    # -- plain keys -----------------------------------------------------
+    def cancelled(self, session_id: str) -> str:
+        """Hash of the session's cancelled turn ids -> reason."""
+        return f"{self.prefix}:{{{session_id}}}:cancelled"
+
+    def dedup(self, stream: str, group: str, entry_id: str) -> str:
+        """Which outputs of one input entry were already written (see runtime)."""
+        return f"{stream}:dedup:{group}:{entry_id}"
+
+    def pattern(self) -> str:
+        return f"{self.prefix}:*"
+
+    def kind(self, stream: str) -> StreamKind | None:
+        """Which kind of stream a key is, or None if it is not one of ours."""
+        if not stream.startswith(self.prefix + ":"):
+            return None
+        rest = stream[len(self.prefix) + 1 :]
+        if rest == "sessions":
+            return "sessions"
+        if rest == "control":
+            return "control"
+        if rest == "dead":
+            return "dead_letter"
+        if rest.startswith("q:") and ":" not in rest[2:]:
+            return "queue"
+        if rest.startswith("{") and "}:" in rest:
+            suffix = rest.rsplit("}:", 1)[1]
+            if suffix == "audio":
+                return "audio"
+            if suffix == "out":
+                return "out"
+        return None

@@ -1,0 +1,509 @@
+"""The worker runtime: every stage runs inside it; no stage writes its own read loop.
+
+A stage is a handler: it takes one decoded event and yields the events it
+causes (``Emit``). The runtime owns everything else:
+
+* reading with ``XREADGROUP`` only as many entries as it has free capacity for;
+* writing the handler's outputs (each exactly once, see ``workers.bus``) and
+  ``XACK``-ing an entry only after its outputs are written;
+* retrying a handler that raised, then dead-lettering the entry with the reason;
+  dead-lettering entries that do not decode or were delivered too many times;
+* renewing the lease on its in-flight entries, and reclaiming (``XAUTOCLAIM``)
+  the entries of consumers that died;
+* the cancel lane, trimming, consumer clean-up, reconnecting with back-off, and
+  graceful shutdown (stop reading, finish within a grace period, leave the rest
+  pending for a peer).
+
+Two ways to consume: ``JobWorker`` (this module) for work-queue stages where any
+free worker takes the next job, and ``SessionWorker`` (``workers.sessions``) for
+stages that must see a session's events in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from schemas import DEFAULT_MAX_EVENT_BYTES, DeadLetter, Event, SchemaError, TurnEvent, decode
+from workers import janitor
+from workers.bus import FIELD, Bus, as_str, connect, consumer_name, read_group
+from workers.cancel import CancelLane
+from workers.keys import Keys
+from workers.logs import log_context
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that mean "Redis is not reachable right now": wait and try again.
+IO_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """One output of a handler: ``event`` is appended to ``stream``."""
+
+    stream: str
+    event: Event
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    url: str
+    prefix: str = "vb"
+    claim_idle_ms: int = 5_000
+    block_ms: int = 1_000
+    max_deliveries: int = 5
+    handler_attempts: int = 3
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    consumer_gc_idle_s: float = 600.0
+    session_ttl_s: int = 3_600
+    maxlen: Mapping[str, int] = field(default_factory=dict)
+    concurrency: int = 4
+    max_sessions: int = 1_000
+    shutdown_grace_s: float = 10.0
+    janitor_interval_s: float = 10.0
+    read_count: int = 8
+
+    @classmethod
+    def from_config(cls, config: Any, url: str) -> RuntimeSettings:
+        r, w = config.redis, config.worker
+        return cls(
+            url=url,
+            prefix=r.key_prefix,
+            claim_idle_ms=r.claim_idle_ms,
+            block_ms=r.block_ms,
+            max_deliveries=r.max_deliveries,
+            handler_attempts=r.handler_attempts,
+            max_event_bytes=r.max_event_bytes,
+            consumer_gc_idle_s=r.consumer_gc_idle_s,
+            session_ttl_s=r.session_ttl_s,
+            maxlen=r.maxlen.model_dump(),
+            concurrency=w.concurrency,
+            shutdown_grace_s=w.shutdown_grace_s,
+            janitor_interval_s=w.janitor_interval_s,
+        )
+
+
+@dataclass
+class Context:
+    """What a handler may use while it handles one entry."""
+
+    bus: Bus
+    cancel: CancelLane
+    consumer: str
+    stream: str
+    entry_id: str
+    deliveries: int
+    event: Event
+    started_ns: int = field(default_factory=time.time_ns)
+
+    @property
+    def keys(self) -> Keys:
+        return self.bus.keys
+
+    def cancelled(self) -> bool:
+        """Has this event's turn been cancelled? Local, no I/O: check between chunks."""
+        event = self.event
+        return isinstance(event, TurnEvent) and self.cancel.is_cancelled_local(
+            event.session_id, event.turn_id
+        )
+
+
+Handler = Callable[[Event, Context], AsyncIterator[Emit]]
+
+
+@dataclass(frozen=True)
+class JobStage:
+    """A work-queue stage: ``handle`` is called for every event on ``keys.queue(name)``."""
+
+    name: str
+    handle: Handler
+
+
+Outcome = Literal["acked", "emitted", "handled", "cancelled", "stopped"]
+
+
+class Stopping(Exception):
+    """Raised inside I/O retries when shutdown gives up on Redis."""
+
+
+class Backoff:
+    """Exponential back-off with full jitter; resets after a quiet period."""
+
+    def __init__(self, first: float = 0.05, cap: float = 5.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self) -> float:
+        delay = random.uniform(self.delay / 2, self.delay)
+        self.delay = min(self.cap, self.delay * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+class Worker:
+    """What both consumption modes share. Subclasses provide the loops."""
+
+    def __init__(self, name: str, settings: RuntimeSettings, consumer: str | None = None) -> None:
+        self.name = self.group = name
+        self.settings = settings
+        self.consumer = consumer or consumer_name(name)
+        self.keys = Keys(settings.prefix)
+        self.redis = connect(settings.url)
+        self.reader = connect(settings.url, blocking_ms=settings.block_ms)
+        self._control_reader = connect(settings.url, blocking_ms=settings.block_ms)
+        self.bus = Bus(self.redis, self.keys, dict(settings.maxlen))
+        self.cancel = CancelLane(self.bus, settings.session_ttl_s)
+        self.stopping = asyncio.Event()
+        self.stats: Counter[str] = Counter()
+        self._give_up = asyncio.Event()  # set when the grace period is over
+        self._down_since: float | None = None
+
+    # -- lifecycle -------------------------------------------------------
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("%s: stopping (finishing in-flight work)", self.consumer)
+        self.stopping.set()
+
+    async def run(self, *, install_signals: bool = False) -> None:
+        if install_signals:
+            self._install_signals()
+        log.info("%s: started (group %s, prefix %s)", self.consumer, self.group, self.keys.prefix)
+        background = [
+            asyncio.create_task(self._supervise(name, loop), name=f"{self.consumer}:{name}")
+            for name, loop in self.loops().items()
+        ]
+        try:
+            await self.stopping.wait()
+            await self._finish_in_flight()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            with contextlib.suppress(*IO_ERRORS, ResponseError):
+                await self.on_stopped()
+            for client in (self.redis, self.reader, self._control_reader):
+                await client.aclose()
+            log.info("%s: stopped; %s", self.consumer, dict(self.stats) or "nothing handled")
+
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        return {
+            "cancel-lane": lambda: self.cancel.watch(
+                self._control_reader, self.settings.block_ms, self.stopping
+            ),
+            "janitor": self._janitor_loop,
+        }
+
+    async def _finish_in_flight(self) -> None:
+        try:
+            await asyncio.wait_for(self.drain(), self.settings.shutdown_grace_s)
+        except TimeoutError:
+            log.warning("%s: grace period over; unfinished work stays pending for a peer",
+                        self.consumer)
+        self._give_up.set()
+
+    async def drain(self) -> None:
+        """Wait until in-flight work is done (called once reading has stopped)."""
+
+    async def on_stopped(self) -> None:
+        """Hand back what is left and remove our consumer where it holds nothing."""
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        if self.stopping.is_set():  # a second signal: stop waiting for in-flight work
+            self._give_up.set()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+        self.request_stop()
+
+    # -- resilience ------------------------------------------------------
+    async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a loop forever: back off while Redis is away, never die of an error."""
+        backoff = Backoff()
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except IO_ERRORS as exc:
+                self._note_down(name, exc)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis lost its data: recreate our groups
+                    log.warning("%s: %s: consumer group missing, recreating", self.consumer, name)
+                    with contextlib.suppress(*IO_ERRORS):
+                        await self.ensure_groups()
+                else:
+                    log.exception("%s: %s loop failed", self.consumer, name)
+            except Exception:
+                log.exception("%s: %s loop failed", self.consumer, name)
+            if time.monotonic() - started > 2 * backoff.cap:
+                backoff.reset()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff.next())
+
+    def _note_down(self, where: str, exc: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("%s: Redis unreachable (%s: %s); retrying with back-off",
+                        self.consumer, where, exc)
+        self.stats["redis_errors"] += 1
+
+    def _note_up(self) -> None:
+        if self._down_since is not None:
+            log.info("%s: Redis reachable again after %.1f s", self.consumer,
+                     time.monotonic() - self._down_since)
+            self._down_since = None
+
+    async def io(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis write, retrying through an outage until it succeeds.
+
+        Gives up (``Stopping``) only once shutdown's grace period is over; the
+        entry then stays pending and a peer redoes it.
+        """
+        backoff = Backoff()
+        while True:
+            try:
+                result = await op()
+                self._note_up()
+                return result
+            except IO_ERRORS as exc:
+                self._note_down("write", exc)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_groups()
+                continue
+            if self._give_up.is_set():
+                raise Stopping
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._give_up.wait(), backoff.next())
+
+    async def ensure_groups(self) -> None:
+        """Create the consumer groups this worker reads (idempotent)."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    # -- handling one entry ----------------------------------------------
+    async def handle_entry(
+        self, stream: str, entry_id: str, fields: dict[bytes, bytes] | None, deliveries: int,
+        handler: Handler,
+    ) -> tuple[Outcome, Event | None]:
+        """Decode, check, run the handler with retries, write its outputs.
+
+        Does not ack (callers batch acks), except for entries it dead-letters.
+        """
+        raw = (fields or {}).get(FIELD, b"")
+        try:
+            event = decode(raw, max_bytes=self.settings.max_event_bytes)
+        except SchemaError as exc:
+            await self.dead_letter(stream, entry_id, raw, str(exc), deliveries)
+            return "acked", None
+        if deliveries > self.settings.max_deliveries:
+            reason = (f"delivered {deliveries} times (limit {self.settings.max_deliveries}); "
+                      "it may crash the workers that take it")
+            await self.dead_letter(stream, entry_id, raw, reason, deliveries, event)
+            return "acked", event
+        with log_context(session_id=event.session_id,
+                         turn_id=getattr(event, "turn_id", None)):
+            if isinstance(event, TurnEvent) and await self.io(
+                lambda: self.cancel.is_cancelled(event.session_id, event.turn_id)
+            ):
+                self.stats["skipped_cancelled"] += 1
+                log.info("skipping %s of a cancelled turn", event.type)
+                return "cancelled", event
+            return await self._run_handler(stream, entry_id, raw, deliveries, event, handler)
+
+    async def _run_handler(
+        self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
+        handler: Handler,
+    ) -> tuple[Outcome, Event | None]:
+        attempts = self.settings.handler_attempts
+        for attempt in range(1, attempts + 1):
+            ctx = Context(self.bus, self.cancel, self.consumer, stream, entry_id, deliveries, event)
+            ordinal = 0
+            try:
+                async for out in handler(event, ctx):
+                    await self.io(lambda o=out, n=ordinal: self.bus.emit(  # type: ignore[misc]
+                        stream, self.group, entry_id, n, o.stream, o.event))
+                    ordinal += 1
+                self.stats["handled"] += 1
+                return ("emitted" if ordinal else "handled"), event
+            except (asyncio.CancelledError, Stopping):
+                raise
+            except Exception as exc:
+                self.stats["handler_errors"] += 1
+                if attempt == attempts:
+                    log.exception("handler failed %d times on %s %s; dead-lettering",
+                                  attempts, event.type, entry_id)
+                    reason = f"handler raised {type(exc).__name__}: {exc} ({attempts} attempts)"
+                    await self.dead_letter(stream, entry_id, raw, reason, deliveries, event)
+                    return "acked", event
+                log.warning("handler raised on %s %s (attempt %d/%d): %r",
+                            event.type, entry_id, attempt, attempts, exc)
+                await self.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def dead_letter(self, stream: str, entry_id: str, raw: bytes, reason: str,
+                          deliveries: int, event: Event | None = None) -> None:
+        self.stats["dead_lettered"] += 1
+        log.warning("dead-lettering %s %s: %s", stream, entry_id, reason)
+        letter = DeadLetter(
+            session_id=event.session_id if event else "",
+            stream=stream, entry_id=entry_id, group=self.group, consumer=self.consumer,
+            reason=reason[:1024], deliveries=deliveries, payload=bytes(raw[:65_536]),
+        )
+        await self.io(lambda: self.bus.dead_letter(stream, self.group, entry_id, letter))
+
+    async def pending_deliveries(self, stream: str,
+                                 entries: list[Any]) -> list[tuple[str, Any, int]]:
+        """Claimed entries with their delivery counts; entries trimmed away are skipped."""
+        live = [(as_str(e[0]), e[1]) for e in entries if e is not None]
+        if len(live) < len(entries):
+            log.warning("%s: %d claimed entries of %s were already trimmed", self.consumer,
+                        len(entries) - len(live), stream)
+        counts = await self.bus.deliveries(stream, self.group, [i for i, _ in live])
+        return [(i, f, counts.get(i, 1)) for i, f in live]
+
+    # -- housekeeping ----------------------------------------------------
+    def streams_to_tidy(self) -> list[str]:
+        return []
+
+    async def _janitor_loop(self) -> None:
+        while not self.stopping.is_set():
+            await self.sleep(self.settings.janitor_interval_s * random.uniform(0.8, 1.2))
+            for stream in self.streams_to_tidy():
+                trimmed = await janitor.trim_consumed(self.redis, stream)
+                self.stats["trimmed"] += trimmed
+                await janitor.remove_idle_consumers(
+                    self.redis, stream, self.group, self.settings.consumer_gc_idle_s,
+                    keep=self.consumer)
+
+    async def remove_own_consumer(self, stream: str) -> None:
+        """On shutdown: leave no consumer behind unless it still holds work."""
+        await janitor.remove_consumer_if_idle(self.redis, stream, self.group, self.consumer)
+
+
+class JobWorker(Worker):
+    """A work-queue consumer: any free worker takes the next job from the stage's queue."""
+
+    def __init__(self, stage: JobStage, settings: RuntimeSettings, consumer: str | None = None):
+        super().__init__(stage.name, settings, consumer)
+        self.stage = stage
+        self.queue = self.keys.queue(stage.name)
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._slot_free = asyncio.Event()
+
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        return {"read": self._read_loop, "lease": self._lease_loop,
+                "reclaim": self._reclaim_loop, **super().loops()}
+
+    def streams_to_tidy(self) -> list[str]:
+        return [self.queue]
+
+    async def ensure_groups(self) -> None:
+        await self.bus.ensure_group(self.queue, self.group)
+
+    @property
+    def free(self) -> int:
+        return self.settings.concurrency - len(self._in_flight)
+
+    async def _read_loop(self) -> None:
+        await self.ensure_groups()
+        while not self.stopping.is_set():
+            if self.free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            replies = await read_group(self.reader, self.group, self.consumer,
+                                       {self.queue: ">"}, self.free, self.settings.block_ms)
+            self._note_up()
+            for _stream, entries in replies:
+                for entry_id, fields in entries:
+                    self._start(entry_id, fields, 1)
+
+    def _start(self, entry_id: str, fields: dict[bytes, bytes] | None, deliveries: int) -> None:
+        if entry_id in self._in_flight:
+            return
+        task = asyncio.create_task(self._process(entry_id, fields, deliveries))
+        self._in_flight[entry_id] = task
+
+    async def _process(self, entry_id: str, fields: dict[bytes, bytes] | None,
+                       deliveries: int) -> None:
+        try:
+            outcome, _ = await self.handle_entry(
+                self.queue, entry_id, fields, deliveries, self.stage.handle)
+            if outcome != "acked":
+                emitted = [entry_id] if outcome == "emitted" else []
+                await self.io(lambda: self.bus.ack(self.queue, self.group, [entry_id], emitted))
+        except (asyncio.CancelledError, Stopping):
+            self.stats["left_pending"] += 1
+        except Exception:  # a bug in the runtime itself: keep serving, the entry stays pending
+            log.exception("%s: unexpected error on %s", self.consumer, entry_id)
+        finally:
+            self._in_flight.pop(entry_id, None)
+            self._slot_free.set()
+
+    async def _lease_loop(self) -> None:
+        """Renew our claim on in-flight entries so peers do not take them."""
+        while not self.stopping.is_set() or self._in_flight:
+            await asyncio.sleep(self.settings.claim_idle_ms / 3000)
+            ids = list(self._in_flight)
+            kept = await self.bus.renew(self.queue, self.group, self.consumer, ids)
+            for entry_id in set(ids) - kept:
+                task = self._in_flight.get(entry_id)
+                if task is not None and not task.done():
+                    self.stats["lost_leases"] += 1
+                    log.warning("%s: lost the lease on %s to a peer; abandoning it",
+                                self.consumer, entry_id)
+                    task.cancel()
+
+    async def _reclaim_loop(self) -> None:
+        """Take over entries left pending by consumers that died."""
+        await self.ensure_groups()
+        cursor = "0-0"
+        while not self.stopping.is_set():
+            await self.sleep(self.settings.claim_idle_ms / 2000 * random.uniform(0.8, 1.2))
+            if self.free <= 0 or self.stopping.is_set():
+                continue
+            reply = await self.redis.xautoclaim(
+                self.queue, self.group, self.consumer, self.settings.claim_idle_ms,
+                start_id=cursor, count=self.free)
+            cursor = as_str(reply[0])
+            claimed = [e for e in reply[1] if e is None or as_str(e[0]) not in self._in_flight]
+            for entry_id, fields, deliveries in await self.pending_deliveries(self.queue, claimed):
+                self.stats["reclaimed"] += 1
+                log.info("%s: reclaimed %s (delivery %d)", self.consumer, entry_id, deliveries)
+                self._start(entry_id, fields, deliveries)
+
+    async def drain(self) -> None:
+        while self._in_flight:
+            await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+
+    async def on_stopped(self) -> None:
+        for task in list(self._in_flight.values()):
+            task.cancel()
+        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        await self.remove_own_consumer(self.queue)

@@ -1,0 +1,277 @@
+"""Session-affine consumption: each session's events are handled in order by one owner.
+
+Sessions are announced (``SessionStarted``) on the sessions stream. A worker
+that reads an announcement owns that session and keeps the announcement
+*pending* while the session lives, re-claiming it as a heartbeat. It reads the
+session's own audio stream through a consumer group and handles the entries one
+after another. When the owner dies, its announcement goes idle, a peer
+``XAUTOCLAIM``s it, takes over the session's pending audio entries, and carries
+on from the group's position: per-session order holds with any number of
+workers. On a graceful stop the owner hands its sessions straight back
+(ack + re-announce in one transaction) so a peer need not wait for the idle time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from schemas import Event, SchemaError, SessionEnded, SessionStarted, decode
+from workers.bus import FIELD, as_str, read_group
+from workers.runtime import IO_ERRORS, Context, Emit, RuntimeSettings, Stopping, Worker
+
+log = logging.getLogger(__name__)
+
+_BACKLOG = 64  # entries queued per session before we stop reading its stream
+
+
+class SessionHandler(Protocol):
+    """Per-session state (e.g. a VAD's recurrent state) and its handler."""
+
+    def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionStage:
+    """A session-affine stage: ``open`` is called once per session this worker owns."""
+
+    name: str
+    open: Callable[[SessionStarted], SessionHandler]
+
+
+@dataclass(eq=False)
+class _Owned:
+    started: SessionStarted
+    announce_id: str
+    announce_raw: bytes
+    stream: str
+    handler: SessionHandler
+    queue: asyncio.Queue[tuple[str, Any, int]] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+    busy: bool = False  # handling a batch right now
+    ended: bool = False
+
+
+class SessionWorker(Worker):
+    def __init__(self, stage: SessionStage, settings: RuntimeSettings,
+                 consumer: str | None = None) -> None:
+        super().__init__(stage.name, settings, consumer)
+        self.stage = stage
+        self.announcements = self.keys.sessions()
+        self._owned: dict[str, _Owned] = {}  # session_id -> state
+        self._by_stream: dict[str, _Owned] = {}
+        self._wake = asyncio.Event()  # a session's backlog drained
+
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        return {"read": self._read_loop, "heartbeat": self._heartbeat_loop,
+                "reclaim": self._reclaim_loop, **super().loops()}
+
+    def streams_to_tidy(self) -> list[str]:
+        return [self.announcements, *self._by_stream]
+
+    async def ensure_groups(self) -> None:
+        await self.bus.ensure_group(self.announcements, self.group)
+        for owned in list(self._owned.values()):
+            await self.bus.ensure_group(owned.stream, self.group)
+
+    @property
+    def sessions(self) -> list[str]:
+        return list(self._owned)
+
+    # -- reading -----------------------------------------------------------
+    async def _read_loop(self) -> None:
+        await self.ensure_groups()
+        while not self.stopping.is_set():
+            streams: dict[str, str] = {}
+            if len(self._owned) < self.settings.max_sessions:
+                streams[self.announcements] = ">"
+            for stream, owned in self._by_stream.items():
+                if not owned.ended and owned.queue.qsize() < _BACKLOG:
+                    streams[stream] = ">"
+            if not streams:  # full and every session backlogged: wait for one to drain
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
+            replies = await read_group(self.reader, self.group, self.consumer, streams,
+                                       self.settings.read_count, self.settings.block_ms)
+            self._note_up()
+            for stream, entries in replies:
+                if stream == self.announcements:
+                    for entry_id, fields in entries:
+                        await self._adopt(entry_id, fields, 1)
+                    continue
+                target = self._by_stream.get(stream)
+                for entry in entries:
+                    if target is not None:  # else: dropped meanwhile; the entry stays pending
+                        target.queue.put_nowait((*entry, 1))
+
+    async def _adopt(self, announce_id: str, fields: dict[bytes, bytes] | None,
+                     deliveries: int) -> None:
+        raw = (fields or {}).get(FIELD, b"")
+        try:
+            started = decode(raw, max_bytes=self.settings.max_event_bytes)
+        except SchemaError as exc:
+            await self.dead_letter(self.announcements, announce_id, raw, str(exc), deliveries)
+            return
+        if not isinstance(started, SessionStarted):
+            await self.dead_letter(self.announcements, announce_id, raw,
+                                   f"expected session_started, got {started.type}", deliveries,
+                                   started)
+            return
+        if deliveries > self.settings.max_deliveries:
+            await self.dead_letter(
+                self.announcements, announce_id, raw,
+                f"session announced {deliveries} times; its owners keep dying", deliveries,
+                started)
+            return
+        sid = started.session_id
+        if sid in self._owned:  # a duplicate announcement of a session we already own
+            await self.io(lambda: self.bus.ack(self.announcements, self.group, [announce_id]))
+            return
+        stream = self.keys.audio(sid)
+        await self.bus.ensure_group(stream, self.group, "0")
+        owned = _Owned(started, announce_id, raw, stream, self.stage.open(started))
+        # Take over whatever a previous owner left pending, in stream order, before
+        # reading anything new: that is what keeps the session's order.
+        cursor, recovered = "0-0", []
+        while True:
+            reply = await self.redis.xautoclaim(stream, self.group, self.consumer, 0,
+                                                start_id=cursor, count=256)
+            recovered.extend(reply[1])
+            cursor = as_str(reply[0])
+            if cursor == "0-0":
+                break
+        for entry in await self.pending_deliveries(stream, recovered):
+            owned.queue.put_nowait(entry)
+        self._owned[sid] = owned
+        self._by_stream[stream] = owned
+        owned.task = asyncio.create_task(self._serve(owned), name=f"{self.consumer}:{sid}")
+        self.stats["sessions_adopted"] += 1
+        log.info("%s: owns session %s%s", self.consumer, sid,
+                 f" (took over {len(recovered)} pending entries)" if recovered else "")
+
+    # -- one session, in order ---------------------------------------------
+    async def _serve(self, owned: _Owned) -> None:
+        stream = owned.stream
+        try:
+            while not owned.ended:
+                batch = [await owned.queue.get()]
+                owned.busy = True
+                while not owned.queue.empty() and len(batch) < 256:
+                    batch.append(owned.queue.get_nowait())
+                done: list[str] = []
+                emitted: list[str] = []
+                for entry_id, fields, deliveries in batch:
+                    if owned.ended:
+                        break
+                    outcome, event = await self.handle_entry(
+                        stream, entry_id, fields, deliveries, owned.handler.handle)
+                    if outcome != "acked":
+                        done.append(entry_id)
+                    if outcome == "emitted":
+                        emitted.append(entry_id)
+                    if isinstance(event, SessionEnded):
+                        owned.ended = True
+                await self.io(lambda d=done, e=emitted: self.bus.ack(  # type: ignore[misc]
+                    stream, self.group, d, e))
+                owned.busy = False
+                self._wake.set()
+            await self._release(owned)
+        except (asyncio.CancelledError, Stopping):
+            pass
+        except Exception:
+            log.exception("%s: session %s failed; leaving it for a peer", self.consumer,
+                          owned.started.session_id)
+            self._forget(owned)
+
+    async def _release(self, owned: _Owned) -> None:
+        """The session ended: close it, ack its announcement, let its keys expire."""
+        await owned.handler.close()
+        ttl = self.settings.session_ttl_s
+        await self.io(lambda: self.bus.ack(self.announcements, self.group, [owned.announce_id]))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.expire(owned.stream, min(ttl, 60))
+        pipe.expire(self.keys.cancelled(owned.started.session_id), ttl)
+        await self.io(pipe.execute)
+        self._forget(owned)
+        self.stats["sessions_ended"] += 1
+        log.info("%s: session %s ended", self.consumer, owned.started.session_id)
+
+    def _forget(self, owned: _Owned) -> None:
+        self._owned.pop(owned.started.session_id, None)
+        self._by_stream.pop(owned.stream, None)
+
+    # -- leases ------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        """Keep our announcements pending and fresh; drop sessions a peer took over."""
+        while not self.stopping.is_set():
+            await self.sleep(self.settings.claim_idle_ms / 3000)
+            owned = list(self._owned.values())
+            kept = await self.bus.renew(self.announcements, self.group, self.consumer,
+                                        [o.announce_id for o in owned])
+            for lost in (o for o in owned if o.announce_id not in kept):
+                if lost.ended:
+                    continue
+                self.stats["lost_sessions"] += 1
+                log.warning("%s: session %s was taken over by a peer; dropping it",
+                            self.consumer, lost.started.session_id)
+                self._forget(lost)
+                if lost.task is not None:
+                    lost.task.cancel()
+                with contextlib.suppress(Exception):
+                    await lost.handler.close()
+
+    async def _reclaim_loop(self) -> None:
+        """Adopt the sessions of owners that stopped heart-beating."""
+        await self.ensure_groups()
+        cursor = "0-0"
+        while not self.stopping.is_set():
+            await self.sleep(self.settings.claim_idle_ms / 2000 * random.uniform(0.8, 1.2))
+            room = self.settings.max_sessions - len(self._owned)
+            if room <= 0 or self.stopping.is_set():
+                continue
+            reply = await self.redis.xautoclaim(
+                self.announcements, self.group, self.consumer, self.settings.claim_idle_ms,
+                start_id=cursor, count=min(room, 16))
+            cursor = as_str(reply[0])
+            mine = {o.announce_id for o in self._owned.values()}
+            claimed = [e for e in reply[1] if e is None or as_str(e[0]) not in mine]
+            for entry_id, fields, deliveries in await self.pending_deliveries(
+                    self.announcements, claimed):
+                self.stats["sessions_reclaimed"] += 1
+                await self._adopt(entry_id, fields, deliveries)
+
+    # -- stopping ----------------------------------------------------------
+    async def drain(self) -> None:
+        """Finish what was already read for each session."""
+        while any(o.busy or not o.queue.empty() for o in self._owned.values() if not o.ended):
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+
+    async def on_stopped(self) -> None:
+        """Hand each live session back to the group at once, for a peer to adopt."""
+        for owned in list(self._owned.values()):
+            if owned.task is not None:
+                owned.task.cancel()
+                await asyncio.gather(owned.task, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await owned.handler.close()
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xack(self.announcements, self.group, owned.announce_id)
+            pipe.xadd(self.announcements, {FIELD: owned.announce_raw},
+                      maxlen=self.bus.maxlen_for(self.announcements), approximate=True)
+            with contextlib.suppress(*IO_ERRORS):
+                await pipe.execute()
+                log.info("%s: handed session %s back", self.consumer, owned.started.session_id)
+            with contextlib.suppress(*IO_ERRORS):
+                await self.remove_own_consumer(owned.stream)
+        await self.remove_own_consumer(self.announcements)
