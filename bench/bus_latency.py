@@ -17,13 +17,20 @@ then end the sessions and wait until the worker has released them all. The
 first second of each round is warm-up and is not counted.
 
 The worker writes its samples to a file when it stops (SIGTERM at the end), so
-it is re-invoked as ``bench/bus_latency.py --worker URL PREFIX SAMPLES_PATH``.
+it is re-invoked as ``bench/bus_latency.py --worker URL PREFIX SAMPLES_PATH [POOL_MAX
+[PROFILE]]``.
+
+Diagnostics (not part of the measurement): ``--pool-max K`` raises the worker's
+redis-py connection-pool limit (default 100 in redis-py 8) to show what the
+runtime would do without pool exhaustion; ``--profile PATH`` writes a cProfile
+of the worker process.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -72,26 +79,66 @@ class RecordingSession:
         pass
 
 
-def run_worker(url: str, prefix: str, samples_path: str) -> None:
+PROBE_S = 0.010
+
+
+async def probe(worker: Any, rows: list[tuple[int, int, int, int]]) -> None:
+    """Every 10 ms: event-loop lag, connections in use in the worker's main pool, and
+    the worker's running count of Redis errors (to tell the rounds apart later)."""
+    pool = worker.redis.connection_pool
+    loop = asyncio.get_running_loop()
+    expected = loop.time() + PROBE_S
+    while True:
+        await asyncio.sleep(max(0.0, expected - loop.time()))
+        now = loop.time()
+        in_use = len(getattr(pool, "_in_use_connections", ()))
+        rows.append((time.time_ns(), int((now - expected) * 1e9), in_use,
+                     worker.stats["redis_errors"]))
+        expected = max(expected + PROBE_S, now)
+
+
+def run_worker(url: str, prefix: str, samples_path: str, pool_max: int | None,
+               profile: str | None) -> None:
     from workers.logs import setup_logging
     from workers.runtime import RuntimeSettings
     from workers.sessions import SessionStage, SessionWorker
 
     setup_logging("INFO", "text", component="bench-vad")
     samples: dict[str, list[tuple[int, int, int]]] = {}
+    probes: list[tuple[int, int, int, int]] = []
 
     def open_session(started: SessionStarted) -> RecordingSession:
         return RecordingSession(samples.setdefault(started.session_id, []))
 
     worker = SessionWorker(SessionStage(STAGE, open_session),
                            RuntimeSettings(url=url, prefix=prefix))
+    if pool_max:  # experiment only: not what the runtime does by itself
+        for client in (worker.redis, worker.reader, worker._control_reader):
+            client.connection_pool.max_connections = pool_max
+
+    async def main() -> None:
+        task = asyncio.create_task(probe(worker, probes))
+        try:
+            await worker.run(install_signals=True)
+        finally:
+            task.cancel()
+
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     print(f"READY {worker.consumer}", flush=True)
     try:
-        asyncio.run(worker.run(install_signals=True))
+        asyncio.run(main())
     finally:
+        if profiler is not None and profile:
+            profiler.disable()
+            profiler.dump_stats(profile)
         tmp = samples_path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"stats": dict(worker.stats), "samples": samples}, f)
+            json.dump({"stats": dict(worker.stats), "samples": samples, "probes": probes}, f)
         os.replace(tmp, samples_path)
 
 
@@ -153,7 +200,11 @@ class CpuWindow:
             out[name] = None if now is None or before is None else (now - before) / wall
         out["publisher"] = (sum(os.times()[:2]) - self.self0) / wall
         busy, total = machine_cpu()
-        out["machine_busy_frac"] = (busy - self.machine0[0]) / max(1, total - self.machine0[1])
+        machine = (busy - self.machine0[0]) / max(1, total - self.machine0[1])
+        # Cores busy with anything else on the machine: noise for this benchmark.
+        ours = sum(v or 0.0 for v in out.values())
+        out["machine_busy_frac"] = machine
+        out["other"] = max(0.0, machine * (os.cpu_count() or 1) - ours)
         out["wall_s"] = wall
         return out
 
@@ -161,11 +212,11 @@ class CpuWindow:
 # ----------------------------------------------------------------------------
 # The publisher (this process)
 # ----------------------------------------------------------------------------
-async def wait_until(check: Any, timeout: float, what: str, interval: float = 0.02) -> float:
+async def wait_until(check: Any, limit_s: float, what: str, interval: float = 0.02) -> float:
     start = time.monotonic()
     while not await check():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        if time.monotonic() - start > limit_s:
+            raise TimeoutError(f"timed out after {limit_s} s waiting for {what}")
         await asyncio.sleep(interval)
     return time.monotonic() - start
 
@@ -275,7 +326,8 @@ async def _no_pending(r: Any, keys: Keys) -> bool:
     return await pending_announcements(r, keys) == 0
 
 
-def analyse(round_: dict[str, Any], samples: dict[str, list[list[int]]]) -> dict[str, Any]:
+def analyse(round_: dict[str, Any], samples: dict[str, list[list[int]]],
+            probes: list[list[int]]) -> dict[str, Any]:
     warm_ns = round_["wall_t0_ns"] + int(WARMUP_S * 1e9)
     end_ns = round_["wall_send_end_ns"]
     latencies: list[int] = []
@@ -285,13 +337,16 @@ def analyse(round_: dict[str, Any], samples: dict[str, list[list[int]]]) -> dict
         handled += len(rows)
         seqs = [row[0] for row in rows]
         duplicates += len(seqs) - len(set(seqs))
-        order_violations += sum(1 for a, b in zip(seqs, seqs[1:], strict=False) if b <= a)
+        order_violations += sum(1 for a, b in itertools.pairwise(seqs) if b <= a)
         for _seq, created, started in rows:
             if created >= warm_ns:
                 latencies.append(started - created)
             if warm_ns <= started <= end_ns:
                 in_window += 1
     window_s = (end_ns - warm_ns) / 1e9
+    in_round = [p for p in probes if warm_ns <= p[0] <= end_ns]
+    before = [p for p in probes if p[0] < warm_ns]
+    errors_before = before[-1][3] if before else 0
     out = {k: v for k, v in round_.items() if k not in ("sids", "wall_t0_ns", "wall_send_end_ns")}
     out.update({
         "frames_handled": handled, "frames_measured": len(latencies),
@@ -300,6 +355,9 @@ def analyse(round_: dict[str, Any], samples: dict[str, list[list[int]]]) -> dict
         "latency_ms": summary_ms(latencies),
         "over_32ms": sum(1 for v in latencies if v > 32_000_000),
         "order_violations": order_violations, "duplicates": duplicates,
+        "worker_loop_lag_ms": summary_ms([p[1] for p in in_round]),
+        "worker_pool_in_use_max": max((p[2] for p in in_round), default=None),
+        "worker_redis_errors": (in_round[-1][3] - errors_before) if in_round else None,
     })
     return out
 
@@ -307,12 +365,12 @@ def analyse(round_: dict[str, Any], samples: dict[str, list[list[int]]]) -> dict
 # ----------------------------------------------------------------------------
 # Orchestration
 # ----------------------------------------------------------------------------
-def start_worker(url: str, prefix: str, samples_path: Path,
-                 log_path: Path) -> subprocess.Popen[bytes]:
-    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the worker
+def start_worker(url: str, prefix: str, samples_path: Path, log_path: Path,
+                 pool_max: int | None, profile: Path | None) -> subprocess.Popen[bytes]:
+    log = open(log_path, "wb")  # lives as long as the worker
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--worker", url, prefix,
-         str(samples_path)],
+         str(samples_path), str(pool_max or 0), str(profile or "")],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 30
@@ -378,7 +436,8 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
 def print_table(results: list[dict[str, Any]]) -> None:
     head = (f"{'N':>4} {'sent':>6} {'handled':>7} {'ev/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
             f"{'p99 ms':>7} {'max ms':>7} {'>32ms':>6} {'wrk cpu':>7} {'redis':>6} "
-            f"{'pub':>6} {'box':>5} {'pub lag p99/max ms':>18}")
+            f"{'pub':>6} {'other':>6} {'loop lag p99':>12} {'conns':>5} {'errs':>4} "
+            f"{'pub lag p99/max':>15}")
     print(head)
     print("-" * len(head))
     for res in results:
@@ -387,28 +446,48 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"{res['handled_events_per_s']:>7.0f} {lat['p50']:>7.2f} {lat['p95']:>7.2f} "
               f"{lat['p99']:>7.2f} {lat['max']:>7.2f} {res['over_32ms']:>6} "
               f"{fmt(cpu.get('worker')):>7} {fmt(cpu.get('redis')):>6} "
-              f"{fmt(cpu.get('publisher')):>6} {cpu['machine_busy_frac'] * 100:>4.0f}% "
-              f"{pub['p99']:>8.2f}/{pub['max']:<9.2f}")
-    print("cpu columns: CPU-seconds per wall-second after warm-up (1.00 = one core busy); "
-          f"box: whole machine busy, {os.cpu_count()} cores = 100%")
+              f"{fmt(cpu.get('publisher')):>6} {cpu['other']:>6.2f} "
+              f"{fmt(res['worker_loop_lag_ms'].get('p99')):>12} "
+              f"{res['worker_pool_in_use_max'] or 0:>5} {res['worker_redis_errors'] or 0:>4} "
+              f"{pub['p99']:>7.2f}/{pub['max']:<7.2f}")
+    print("latency: XADD -> handler start, frames created after the 1 s warm-up; "
+          ">32ms: frames later than one frame period")
+    print("wrk/redis/pub/other: CPU-seconds per wall-second after warm-up (1.00 = one core "
+          f"busy; this machine has {os.cpu_count()}); other: every process outside the "
+          "benchmark (noise)")
+    print("loop lag p99: worker event-loop lag (ms, 10 ms probe); conns: most connections "
+          "in use in the worker's pool at a probe; errs: worker's redis_errors in the window; "
+          "pub lag: publisher send time - schedule (ms)")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        url, prefix, samples_path = sys.argv[2:5]
-        run_worker(url, prefix, samples_path)
+        url, prefix, samples_path, pool_max, profile = [*sys.argv[2:], "0", ""][:5]
+        run_worker(url, prefix, samples_path, int(pool_max) or None, profile or None)
         return
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/bus_latency.json")
+    parser.add_argument("--pool-max", type=int, default=None,
+                        help="diagnostic: raise the worker's redis-py pool limit to this")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="diagnostic: write a cProfile of the worker process here")
     args = parser.parse_args()
     if args.seconds <= WARMUP_S:
         parser.error(f"--seconds must be more than the {WARMUP_S:g} s warm-up")
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     from workers.redis_server import EmbeddedRedis
+
+    busy0 = machine_cpu()
+    time.sleep(1.0)
+    busy1 = machine_cpu()
+    idle_busy = (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]) * (os.cpu_count() or 1)
+    print(f"before starting: {idle_busy:.2f} cores busy with other work", flush=True)
+    if idle_busy > 0.2:
+        print("WARNING: the machine is not idle; the numbers will be noisy", flush=True)
 
     configured = os.environ.get("REDIS_URL")
     server: EmbeddedRedis | None = None
@@ -423,7 +502,8 @@ def main() -> None:
     samples_path.unlink(missing_ok=True)
     proc: subprocess.Popen[bytes] | None = None
     try:
-        proc = start_worker(url, prefix, samples_path, log_path)
+        proc = start_worker(url, prefix, samples_path, log_path, args.pool_max,
+                            args.profile and args.profile.resolve())
         # Only a server we started is known to be a local process we may measure.
         redis_pid = server._proc.pid if server is not None and server._proc else None
         pids = {"worker": proc.pid, "redis": redis_pid}
@@ -441,7 +521,7 @@ def main() -> None:
         if server is not None:
             server.stop()
 
-    results = [analyse(r, data["samples"]) for r in rounds]
+    results = [analyse(r, data["samples"], data["probes"]) for r in rounds]
     print()
     print_table(results)
     warnings = [line for line in log_path.read_text().splitlines()
@@ -450,11 +530,13 @@ def main() -> None:
         "benchmark": "bus_latency",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                 "busy_cores_before_start": idle_busy,
                  "machine": platform.machine(), "redis_version": version,
                  "redis": "REDIS_URL" if configured else "embedded (AOF everysec)"},
         "params": {"seconds": args.seconds, "warmup_s": WARMUP_S, "frame_ms": PERIOD_S * 1000,
                    "frame_bytes": FRAME_SAMPLES * 2, "sample_rate": SAMPLE_RATE,
-                   "stage": STAGE, "settings": "RuntimeSettings defaults"},
+                   "stage": STAGE, "settings": "RuntimeSettings defaults",
+                   "pool_max_override": args.pool_max},
         "worker": {"exit_code": rc, "stats": data["stats"], "log_warnings": warnings[:50],
                    "log": str(log_path)},
         "rounds": results,

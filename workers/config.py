@@ -200,9 +200,12 @@ class RedisConfig(_Section):
 
 class WorkerConfig(_Section):
     """Worker process behaviour."""
-    concurrency: PositiveInt = 4  # events handled at once per worker process
+    concurrency: PositiveInt = 4  # jobs handled at once per job-stage worker process
+    max_sessions: PositiveInt = 1000  # sessions one session-affine worker owns at most
+    read_count: PositiveInt = 8  # entries read per stream per XREADGROUP
     shutdown_grace_s: PositiveFloat = 10.0  # in-flight handlers get this long on SIGTERM
-    janitor_interval_s: PositiveFloat = 10.0  # how often stuck entries are reclaimed
+    janitor_interval_s: PositiveFloat = 10.0
+    # ^ how often streams are trimmed and idle consumers removed
 
 
 class TracingConfig(_Section):

@@ -91,6 +91,8 @@ class RuntimeSettings:
             session_ttl_s=r.session_ttl_s,
             maxlen=r.maxlen.model_dump(),
             concurrency=w.concurrency,
+            max_sessions=w.max_sessions,
+            read_count=w.read_count,
             shutdown_grace_s=w.shutdown_grace_s,
             janitor_interval_s=w.janitor_interval_s,
         )

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from schemas import Event, SchemaError, SessionEnded, SessionStarted, decode
 from workers.bus import FIELD, as_str, read_group
+from workers.logs import log_context
 from workers.runtime import IO_ERRORS, Context, Emit, RuntimeSettings, Stopping, Worker
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,11 @@ class SessionWorker(Worker):
                 started)
             return
         sid = started.session_id
+        with log_context(session_id=sid):
+            await self._take(sid, started, announce_id, raw)
+
+    async def _take(self, sid: str, started: SessionStarted, announce_id: str,
+                    raw: bytes) -> None:
         if sid in self._owned:  # a duplicate announcement of a session we already own
             await self.io(lambda: self.bus.ack(self.announcements, self.group, [announce_id]))
             return
@@ -160,6 +166,10 @@ class SessionWorker(Worker):
 
     # -- one session, in order ---------------------------------------------
     async def _serve(self, owned: _Owned) -> None:
+        with log_context(session_id=owned.started.session_id):
+            await self._serve_in_order(owned)
+
+    async def _serve_in_order(self, owned: _Owned) -> None:
         stream = owned.stream
         try:
             while not owned.ended:

@@ -1,0 +1,123 @@
+"""The voicebus command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import redis
+
+from schemas import TurnEnded, encode
+from tests.busutil import publish
+from tests.conftest import ROOT
+from workers.bus import FIELD
+from workers.keys import Keys
+
+
+def voicebus(*args: str, env: dict[str, str] | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "voicebus", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_lists_the_commands() -> None:
+    out = voicebus("--help").stdout
+    for command in ("worker", "status", "up", "demo", "redis", "config"):
+        assert command in out
+
+
+def test_demo_runs_the_bus_end_to_end_on_a_machine_without_redis_url(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    wav = ROOT / "voicebus" / "samples" / "cmu_goforward.wav"
+    result = subprocess.run(
+        [sys.executable, "-m", "voicebus", "demo", "--json", str(wav), str(wav)],
+        cwd=tmp_path, text=True, capture_output=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    turns = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(turns) == 2
+    for turn in turns:
+        assert turn["answered"] and turn["turn_id"]
+        assert turn["transcript"] == "[placeholder ASR: 2.8 s of audio]"
+        assert turn["reply"].startswith("You said:")
+        assert turn["audio_seconds"] > 0
+        lat = turn["latency_ms"]
+        assert 0 < lat["end_of_speech_to_transcript"] <= lat["end_of_speech_to_first_audio"]
+    # Every worker process started and stopped cleanly, in its own process.
+    for stage in ("vad", "asr", "llm", "tts"):
+        assert f"{stage}-worker" in result.stderr and "stopped;" in result.stderr
+    assert "private redis-server" in result.stderr
+
+
+def test_demo_refuses_a_bad_wav_before_starting(tmp_path: Path) -> None:
+    bad = tmp_path / "noise.wav"
+    bad.write_bytes(b"RIFF not really")
+    stereo = tmp_path / "stereo.wav"
+    with wave.open(str(stereo), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0" * 6400)
+    for path, words in ((bad, "not a readable WAV"), (stereo, "2 channels"),
+                        (tmp_path / "missing.wav", "not a readable WAV")):
+        result = voicebus("demo", str(path))
+        assert result.returncode == 2
+        assert words in result.stderr and str(path) in result.stderr
+
+
+def test_a_bad_config_value_stops_with_its_name() -> None:
+    result = voicebus("config", env={"VOICEBUS_VAD__FALLBACK__SILENCE_TIMEOUT": "-1"})
+    assert result.returncode == 2
+    assert "vad.fallback.silence_timeout" in result.stderr
+    assert "VOICEBUS_VAD__FALLBACK__SILENCE_TIMEOUT" in result.stderr
+    result = voicebus("--config", "/nonexistent.yaml", "config")
+    assert result.returncode == 2 and "/nonexistent.yaml" in result.stderr
+
+
+def test_status_shows_streams_groups_pending_and_dead_letters(
+        redis_url: str, prefix: str, sync_redis: redis.Redis) -> None:
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    sync_redis.xgroup_create(queue, "asr", id="0", mkstream=True)
+    for i in range(90):
+        publish(sync_redis, queue, TurnEnded(
+            session_id="s1", turn_id=f"t{i}", sample_rate=16000, speech_start_ms=0,
+            speech_end_ms=1, decided_ms=1))
+    sync_redis.xreadgroup("asr", "worker-a", {queue: ">"}, count=3)
+    sync_redis.xadd(keys.audio("s1"), {FIELD: b"x"})
+    sync_redis.xadd(keys.audio("s2"), {FIELD: b"x"})
+    sync_redis.xgroup_create(keys.sessions(), "vad", id="0", mkstream=True)
+    from schemas import DeadLetter
+    sync_redis.xadd(keys.dead_letter(), {FIELD: encode(DeadLetter(
+        stream=queue, entry_id="1-0", group="asr", consumer="c", reason="bad bytes"))})
+    env = {"REDIS_URL": redis_url, "VOICEBUS_REDIS__KEY_PREFIX": prefix,
+           "VOICEBUS_REDIS__MAXLEN__QUEUE": "100"}
+
+    text = voicebus("status", env=env).stdout
+    queue_line = next(line for line in text.splitlines() if line.startswith(queue))
+    assert "90" in queue_line and "90%!" in queue_line  # length, fill above the alert mark
+    assert "asr" in queue_line and " 3 " in queue_line  # group with 3 pending
+    assert "(2 sessions)" in text  # per-session audio streams folded into one line
+    assert "dead letters: 1" in text and "bad bytes" in text
+    assert f"ALERT: above 80% of high-water mark: {queue}" in text
+
+    data = json.loads(voicebus("status", "--json", env=env).stdout)
+    stream = next(s for s in data["streams"] if s["key"] == queue)
+    assert stream["alert"] and stream["length"] == 90 and stream["high_water"] == 100
+    group = stream["groups"][0]
+    assert group["pending"] == 3 and group["consumer_names"] == ["worker-a"]
+    assert group["oldest_pending_age_s"] >= 0
+    assert data["dead_letters"] == 1
+
+
+def test_status_without_a_bus_says_so() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    result = subprocess.run([sys.executable, "-m", "voicebus", "status"], cwd=ROOT, env=env,
+                            text=True, capture_output=True, timeout=60)
+    assert result.returncode == 2 and "REDIS_URL" in result.stderr
+    result = voicebus("status", env={"REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert result.returncode == 1 and "cannot reach" in result.stderr

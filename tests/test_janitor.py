@@ -1,0 +1,72 @@
+"""Streams stay bounded; consumers that are gone are removed, never with work in hand."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from workers import janitor
+
+
+@pytest.fixture
+async def client(redis_url: str):  # type: ignore[no-untyped-def]
+    c = aioredis.Redis.from_url(redis_url)
+    yield c
+    await c.aclose()
+
+
+async def test_trim_keeps_everything_pending_or_undelivered(client, prefix) -> None:  # type: ignore[no-untyped-def]
+    stream = f"{prefix}:q:asr"
+    await client.xgroup_create(stream, "asr", id="0", mkstream=True)
+    await client.xgroup_create(stream, "audit", id="0")
+    ids = [await client.xadd(stream, {"e": str(i)}) for i in range(1000)]
+    # Group asr: 800 delivered, the first 600 acked; 200 pending (600..799).
+    await client.xreadgroup("asr", "a", {stream: ">"}, count=800)
+    await client.xack(stream, "asr", *ids[:600])
+    # Group audit: read and acked 900: its position is further on.
+    await client.xreadgroup("audit", "b", {stream: ">"}, count=900)
+    await client.xack(stream, "audit", *ids[:900])
+
+    removed = await janitor.trim_consumed(client, stream)
+    assert removed > 0
+    left = [i for i, _ in await client.xrange(stream)]
+    assert ids[600] in left  # the oldest pending entry survives, and all after it
+    assert left[-400:] == ids[600:]
+    assert len(left) < 1000
+
+    # Once everything is acked by both groups, the stream shrinks to (about) nothing.
+    await client.xreadgroup("asr", "a", {stream: ">"})
+    await client.xreadgroup("audit", "b", {stream: ">"})
+    await client.xack(stream, "asr", *ids)
+    await client.xack(stream, "audit", *ids)
+    await janitor.trim_consumed(client, stream)
+    assert await client.xlen(stream) < 200  # ~ trimming works on whole radix-tree nodes
+
+
+async def test_trim_without_groups_does_nothing(client, prefix) -> None:  # type: ignore[no-untyped-def]
+    stream = f"{prefix}:q:none"
+    for i in range(300):
+        await client.xadd(stream, {"e": str(i)})
+    assert await janitor.trim_consumed(client, stream) == 0
+    assert await client.xlen(stream) == 300
+
+
+async def test_idle_consumers_go_but_never_with_pending_work(client, prefix) -> None:  # type: ignore[no-untyped-def]
+    stream = f"{prefix}:q:llm"
+    await client.xgroup_create(stream, "llm", id="0", mkstream=True)
+    await client.xadd(stream, {"e": "job"})
+    await client.xgroup_createconsumer(stream, "llm", "gone-idle")
+    await client.xreadgroup("llm", "gone-holding-work", {stream: ">"})
+    await client.xgroup_createconsumer(stream, "llm", "me")
+    await asyncio.sleep(0.3)
+
+    removed = await janitor.remove_idle_consumers(client, stream, "llm", 0.2, keep="me")
+    assert removed == ["gone-idle"]
+    names = {c["name"].decode() for c in await client.xinfo_consumers(stream, "llm")}
+    assert names == {"gone-holding-work", "me"}
+    assert len(await client.xpending_range(stream, "llm", "-", "+", 10)) == 1
+
+    assert not await janitor.remove_consumer_if_idle(client, stream, "llm", "gone-holding-work")
+    assert await janitor.remove_consumer_if_idle(client, stream, "llm", "me")

@@ -1,0 +1,164 @@
+"""The ``voicebus`` command: run workers, the whole bus, the demo; inspect a live bus."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from workers.config import Config, ConfigError, load_config
+from workers.logs import setup_logging
+from workers.redis_server import RedisLaunchError
+
+log = logging.getLogger("voicebus")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="voicebus",
+        description="A real-time voice agent: independent workers on Redis Streams.",
+        epilog="Redis: REDIS_URL if set, else a private redis-server is started. "
+               "Config: --config, VOICEBUS_CONFIG, ./config.yaml, or the embedded defaults; "
+               "any key can be overridden as VOICEBUS_<SECTION>__<KEY>.")
+    p.add_argument("--config", metavar="FILE", help="configuration file (YAML)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    w = sub.add_parser("worker", help="run one worker of a stage (start as many as you like)")
+    w.add_argument("stage", choices=["vad", "asr", "llm", "tts"])
+
+    s = sub.add_parser("status", help="streams, consumer groups, pending work, dead letters")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--sessions", action="store_true", help="list per-session streams one by one")
+    s.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+
+    sub.add_parser("up", help="start Redis and one worker per stage, until Ctrl-C")
+
+    d = sub.add_parser("demo", help="run the bus and play sample utterances through it")
+    d.add_argument("wavs", nargs="*", type=Path, metavar="WAV",
+                   help="16-bit mono WAV files (default: the shipped samples)")
+    d.add_argument("--json", action="store_true", help="one JSON object per turn on stdout")
+
+    sub.add_parser("redis", help="run a private redis-server and print its URL, until Ctrl-C")
+    sub.add_parser("config", help="print the effective configuration")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"voicebus: {exc}", file=sys.stderr)
+        return 2
+    component = f"{args.stage}-worker" if args.command == "worker" else args.command
+    setup_logging(config.log.level, config.log.format, component=component)
+    try:
+        return COMMANDS[args.command](args, config)
+    except RedisLaunchError as exc:
+        print(f"voicebus: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    from workers.redis_server import redis_url
+    from workers.stages import build_worker
+
+    with redis_url(config.redis.url) as url:
+        if not config.redis.url:
+            log.warning("no REDIS_URL: started a private redis-server at %s; "
+                        "other workers can join with REDIS_URL=%s", url, url)
+        worker = build_worker(args.stage, config, url)
+        asyncio.run(worker.run(install_signals=True))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from redis.exceptions import RedisError
+
+    from workers.bus import connect
+    from workers.keys import Keys
+    from workers.status import collect, render
+
+    if not config.redis.url:
+        print("voicebus status: set REDIS_URL to the bus to inspect", file=sys.stderr)
+        return 2
+
+    async def once() -> str:
+        client = connect(config.redis.url or "")
+        try:
+            report = await collect(client, Keys(config.redis.key_prefix),
+                                   config.redis.maxlen.model_dump())
+        finally:
+            await client.aclose()
+        if args.json:
+            return json.dumps(report.to_dict())
+        return render(report, per_session=args.sessions)
+
+    while True:
+        try:
+            text = asyncio.run(once())
+        except (OSError, RedisError) as exc:
+            print(f"voicebus status: cannot reach {config.redis.url}: {exc}", file=sys.stderr)
+            return 1
+        if args.watch:
+            print("\033[2J\033[H", end="")
+        print(text, flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def cmd_up(args: argparse.Namespace, config: Config) -> int:
+    from voicebus.supervisor import Supervisor
+
+    supervisor = Supervisor(config.redis.url, config_path=args.config)
+    supervisor.start()
+    print(f"voicebus is up: REDIS_URL={supervisor.url}  (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        supervisor.wait()
+    finally:
+        supervisor.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from voicebus.demo import DemoError, default_wavs, play_all, print_reports, read_wav
+    from voicebus.supervisor import running
+
+    wavs = args.wavs or default_wavs()
+    try:
+        for wav in wavs:
+            read_wav(wav)  # refuse bad files before starting anything
+    except DemoError as exc:
+        print(f"voicebus demo: {exc}", file=sys.stderr)
+        return 2
+    with running(config.redis.url, config_path=args.config) as bus:
+        reports = asyncio.run(play_all(bus.url, config.redis.key_prefix, wavs))
+    print_reports(reports, args.json)
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def cmd_redis(args: argparse.Namespace, config: Config) -> int:
+    from workers.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        print(f"REDIS_URL={server.url}", flush=True)
+        from voicebus.supervisor import Supervisor
+
+        Supervisor(server.url, stages=()).wait()
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, config: Config) -> int:
+    print(config.dump_yaml(), end="")
+    return 0
+
+
+COMMANDS = {"worker": cmd_worker, "status": cmd_status, "up": cmd_up, "demo": cmd_demo,
+            "redis": cmd_redis, "config": cmd_config}
