@@ -218,3 +218,31 @@ def test_worker_survives_a_redis_restart(tmp_path) -> None:  # type: ignore[no-u
     finally:
         procs.stop_all()
         server.stop()
+
+
+def test_a_live_worker_keeps_its_long_job_and_a_frozen_one_loses_it(
+        workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    """Leases: a slow but live worker is not robbed; a frozen one is, and gives up."""
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    env = {"TEST_STAGE_DELAY": "3.0", "TEST_CLAIM_IDLE_MS": "600"}
+    a = workers.start("slow-asr", **env)
+    b = workers.start("slow-asr", **env)
+    publish(sync_redis, queue, turn("s1", "slow"))
+    out = wait_for(lambda: read_all(sync_redis, keys.out("s1")), timeout=15, what="slow job")
+    assert len(out) == 1  # 3 s of work against a 0.6 s idle time: never stolen
+    assert "reclaimed" not in workers.logs()
+
+    publish(sync_redis, queue, turn("s2", "frozen"))
+    holder = wait_for(lambda: pending(sync_redis, queue, "asr"), what="taken")[0]
+    frozen, peer = (a, b) if str(a.pid) in holder["consumer"].decode() else (b, a)
+    frozen.send_signal(signal.SIGSTOP)  # alive but not running: its lease runs out
+    try:
+        out = wait_for(lambda: read_all(sync_redis, keys.out("s2")), timeout=15, what="peer")
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert str(peer.pid) in out[0].text
+    wait_for(lambda: "lost the lease" in workers.logs(), timeout=10, what="frozen one noticing")
+    time.sleep(3.5)  # the frozen worker's handler would have finished by now
+    assert len(read_all(sync_redis, keys.out("s2"))) == 1
+    assert not pending(sync_redis, queue, "asr")
