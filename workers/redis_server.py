@@ -62,10 +62,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 def _ping(port: int, timeout: float = 0.2) -> bool:
+    """Is a Redis answering? (An ACL-protected one answers PING with NOAUTH.)"""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            reply = s.recv(64)
+            return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")
     except OSError:
         return False
 
@@ -73,9 +75,11 @@ def _ping(port: int, timeout: float = 0.2) -> bool:
 class EmbeddedRedis:
     """A private redis-server: ``start()`` returns its URL, ``stop()`` ends it."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(self, port: int | None = None, binary: str | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self.binary = binary or find_redis_server()
         self.port = port or 0
+        self.extra_args = list(extra_args or [])
         self._dir = Path(tempfile.mkdtemp(prefix="voicebus-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -114,6 +118,7 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--daemonize", "no",
+            *self.extra_args,
         ]  # fmt: skip
         self._proc = subprocess.Popen(
             args,
