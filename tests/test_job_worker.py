@@ -185,6 +185,30 @@ def test_cancel_stops_a_streaming_handler_between_chunks(
     assert "skipping turn_ended of a cancelled turn" in workers.logs()
 
 
+def test_a_long_call_is_abandoned_as_soon_as_its_turn_is_cancelled(
+        workers, prefix, sync_redis, redis_url) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from workers.bus import Bus, connect
+    from workers.cancel import CancelLane
+
+    keys = Keys(prefix)
+    workers.start("long-call")
+    publish(sync_redis, keys.queue("llm"), turn("s1", "t1"))
+    wait_for(lambda: pending(sync_redis, keys.queue("llm"), "llm"), what="call in flight")
+
+    async def cancel() -> None:
+        client = connect(redis_url)
+        await CancelLane(Bus(client, keys), 60).cancel("s1", "t1", "barge-in")
+        await client.aclose()
+
+    started = time.monotonic()
+    asyncio.run(cancel())
+    out = wait_for(lambda: read_all(sync_redis, keys.out("s1")), timeout=5, what="abandon")
+    assert time.monotonic() - started < 2
+    assert out[0].text == "abandoned"
+
+
 def test_worker_survives_a_redis_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import WorkerProcs
     from workers.redis_server import EmbeddedRedis

@@ -74,7 +74,10 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
             log.warning("no REDIS_URL: started a private redis-server at %s; "
                         "other workers can join with REDIS_URL=%s", url, url)
         worker = build_worker(args.stage, config, url)
-        asyncio.run(worker.run(install_signals=True))
+        try:
+            asyncio.run(worker.run(install_signals=True))
+        except asyncio.CancelledError:  # a second Ctrl-C: stopped without waiting
+            return 130
     return 0
 
 

@@ -122,6 +122,13 @@ class Context:
             event.session_id, event.turn_id
         )
 
+    def cancel_event(self) -> asyncio.Event:
+        """Set when this event's turn is cancelled: race a long model call against it."""
+        event = self.event
+        if not isinstance(event, TurnEvent):
+            return asyncio.Event()  # never set: only turns can be cancelled
+        return self.cancel.waiter(event.session_id, event.turn_id)
+
 
 Handler = Callable[[Event, Context], AsyncIterator[Emit]]
 
@@ -339,6 +346,16 @@ class Worker:
             return await self._run_handler(stream, entry_id, raw, deliveries, event, handler)
 
     async def _run_handler(
+        self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
+        handler: Handler,
+    ) -> tuple[Outcome, Event | None]:
+        try:
+            return await self._attempt_handler(stream, entry_id, raw, deliveries, event, handler)
+        finally:
+            if isinstance(event, TurnEvent):  # drop the turn's cancel waiter, if one was made
+                self.cancel.release(event.session_id, event.turn_id)
+
+    async def _attempt_handler(
         self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
         handler: Handler,
     ) -> tuple[Outcome, Event | None]:

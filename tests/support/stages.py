@@ -56,8 +56,22 @@ async def chunked_until_cancelled(event: Event, ctx: Context) -> AsyncIterator[E
             await asyncio.sleep(0.02)
 
 
+async def long_call_raced_against_cancel(event: Event, ctx: Context) -> AsyncIterator[Emit]:
+    """A 30 s "model call" that is abandoned the moment its turn is cancelled."""
+    if isinstance(event, TurnEnded):
+        call = asyncio.create_task(asyncio.sleep(30))
+        cancelled = asyncio.create_task(ctx.cancel_event().wait())
+        await asyncio.wait({call, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        call.cancel()
+        cancelled.cancel()
+        text = "abandoned" if ctx.cancelled() else "finished"
+        yield Emit(ctx.keys.out(event.session_id), Transcript(
+            session_id=event.session_id, turn_id=event.turn_id, text=text))
+
+
 STAGES = {
     "echo-session": SessionStage("vad", EchoSession),
     "slow-asr": JobStage("asr", transcribe_slowly),
     "chunker": JobStage("tts", chunked_until_cancelled),
+    "long-call": JobStage("llm", long_call_raced_against_cancel),
 }
