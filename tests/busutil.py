@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import redis
 
 from schemas import Event, decode, encode
@@ -26,3 +28,18 @@ def pending(r: redis.Redis, stream: str, group: str) -> list[dict]:  # type: ign
         return r.xpending_range(stream, group, min="-", max="+", count=10_000)
     except redis.ResponseError:
         return []
+
+
+def cancel_turn(url: str, keys: Keys, session_id: str, turn_id: str, reason: str = "") -> None:
+    """Cancel a turn on the cancel lane, as the VAD or the gateway does on barge-in."""
+    from workers.bus import Bus, connect
+    from workers.cancel import CancelLane
+
+    async def cancel() -> None:
+        client = connect(url)
+        try:
+            await CancelLane(Bus(client, keys), 60).cancel(session_id, turn_id, reason)
+        finally:
+            await client.aclose()
+
+    asyncio.run(cancel())

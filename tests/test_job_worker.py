@@ -8,7 +8,7 @@ import time
 import redis
 
 from schemas import DeadLetter, Transcript, TurnEnded, encode
-from tests.busutil import dead_letters, pending, publish, read_all
+from tests.busutil import cancel_turn, dead_letters, pending, publish, read_all
 from tests.conftest import wait_for
 from workers.bus import FIELD
 from workers.keys import Keys
@@ -155,22 +155,12 @@ def test_sigterm_past_the_grace_period_acks_nothing_unfinished(
 
 def test_cancel_stops_a_streaming_handler_between_chunks(
         workers, prefix, sync_redis, redis_url) -> None:  # type: ignore[no-untyped-def]
-    import asyncio
-
-    from workers.bus import Bus, connect
-    from workers.cancel import CancelLane
-
     keys = Keys(prefix)
     workers.start("chunker")
     publish(sync_redis, keys.queue("tts"), turn("s1", "t1"))
     wait_for(lambda: sync_redis.xlen(keys.out("s1")) >= 5, what="first chunks")
 
-    async def cancel() -> None:
-        client = connect(redis_url)
-        await CancelLane(Bus(client, keys), 60).cancel("s1", "t1", "barge-in")
-        await client.aclose()
-
-    asyncio.run(cancel())
+    cancel_turn(redis_url, keys, "s1", "t1", "barge-in")
     cancelled_at = sync_redis.xlen(keys.out("s1"))
     time.sleep(0.5)
     sent = sync_redis.xlen(keys.out("s1"))
@@ -187,23 +177,13 @@ def test_cancel_stops_a_streaming_handler_between_chunks(
 
 def test_a_long_call_is_abandoned_as_soon_as_its_turn_is_cancelled(
         workers, prefix, sync_redis, redis_url) -> None:  # type: ignore[no-untyped-def]
-    import asyncio
-
-    from workers.bus import Bus, connect
-    from workers.cancel import CancelLane
-
     keys = Keys(prefix)
     workers.start("long-call")
     publish(sync_redis, keys.queue("llm"), turn("s1", "t1"))
     wait_for(lambda: pending(sync_redis, keys.queue("llm"), "llm"), what="call in flight")
 
-    async def cancel() -> None:
-        client = connect(redis_url)
-        await CancelLane(Bus(client, keys), 60).cancel("s1", "t1", "barge-in")
-        await client.aclose()
-
     started = time.monotonic()
-    asyncio.run(cancel())
+    cancel_turn(redis_url, keys, "s1", "t1", "barge-in")
     out = wait_for(lambda: read_all(sync_redis, keys.out("s1")), timeout=5, what="abandon")
     assert time.monotonic() - started < 2
     assert out[0].text == "abandoned"
