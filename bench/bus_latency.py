@@ -79,11 +79,11 @@ class RecordingSession:
         pass
 
 
-PROBE_S = 0.010
+PROBE_S = 0.020
 
 
 async def probe(worker: Any, rows: list[tuple[int, int, int, int]]) -> None:
-    """Every 10 ms: event-loop lag, connections in use in the worker's main pool, and
+    """Every 20 ms: event-loop lag, connections in use in the worker's main pool, and
     the worker's running count of Redis errors (to tell the rounds apart later)."""
     pool = worker.redis.connection_pool
     loop = asyncio.get_running_loop()
@@ -331,6 +331,7 @@ def analyse(round_: dict[str, Any], samples: dict[str, list[list[int]]],
     warm_ns = round_["wall_t0_ns"] + int(WARMUP_S * 1e9)
     end_ns = round_["wall_send_end_ns"]
     latencies: list[int] = []
+    by_second: dict[int, list[int]] = {}
     handled = in_window = order_violations = duplicates = 0
     for sid in round_["sids"]:
         rows = samples.get(sid, [])
@@ -341,6 +342,8 @@ def analyse(round_: dict[str, Any], samples: dict[str, list[list[int]]],
         for _seq, created, started in rows:
             if created >= warm_ns:
                 latencies.append(started - created)
+                by_second.setdefault((created - warm_ns) // 1_000_000_000, []).append(
+                    started - created)
             if warm_ns <= started <= end_ns:
                 in_window += 1
     window_s = (end_ns - warm_ns) / 1e9
@@ -355,6 +358,10 @@ def analyse(round_: dict[str, Any], samples: dict[str, list[list[int]]],
         "latency_ms": summary_ms(latencies),
         "over_32ms": sum(1 for v in latencies if v > 32_000_000),
         "order_violations": order_violations, "duplicates": duplicates,
+        # p50 / p99 / max latency (ms) of the frames created in each second after warm-up
+        "latency_ms_by_second": [
+            [round(v, 2) for v in (s["p50"], s["p99"], s["max"])]
+            for s in (summary_ms(by_second[k]) for k in sorted(by_second))],
         "worker_loop_lag_ms": summary_ms([p[1] for p in in_round]),
         "worker_pool_in_use_max": max((p[2] for p in in_round), default=None),
         "worker_redis_errors": (in_round[-1][3] - errors_before) if in_round else None,
@@ -455,7 +462,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print("wrk/redis/pub/other: CPU-seconds per wall-second after warm-up (1.00 = one core "
           f"busy; this machine has {os.cpu_count()}); other: every process outside the "
           "benchmark (noise)")
-    print("loop lag p99: worker event-loop lag (ms, 10 ms probe); conns: most connections "
+    print("loop lag p99: worker event-loop lag (ms, 20 ms probe); conns: most connections "
           "in use in the worker's pool at a probe; errs: worker's redis_errors in the window; "
           "pub lag: publisher send time - schedule (ms)")
 

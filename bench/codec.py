@@ -302,13 +302,24 @@ def mp_plain_round_trip(d: dict[str, Any]) -> object:
     return msgpack.unpackb(msgpack.packb(d, use_bin_type=True), raw=False)
 
 
-def time_us(fn: Callable[[], object], repeat: int, target_s: float = 0.05) -> dict[str, float]:
-    """µs per call: best and median of ``repeat`` runs of ~target_s each."""
-    timer = timeit.Timer(fn)
-    number, _ = timer.autorange()
-    number = max(1, int(number * target_s / 0.2))
-    runs = [t / number * 1e6 for t in timer.repeat(repeat=repeat, number=number)]
-    return {"best": min(runs), "median": statistics.median(runs), "calls_per_run": number}
+def time_all(fns: list[Callable[[], object]], repeat: int,
+             target_s: float = 0.05) -> list[dict[str, float]]:
+    """µs per call of each function: best and median of ``repeat`` runs of ~target_s.
+
+    The runs are interleaved (one run of every function, then the next round), so a
+    slow spell of a shared machine hits every codec alike instead of one of them.
+    """
+    timers = [timeit.Timer(fn) for fn in fns]
+    numbers = []
+    for timer in timers:
+        number, took = timer.autorange()
+        numbers.append(max(1, int(number * target_s / took)))
+    runs: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for i, timer in enumerate(timers):
+            runs[i].append(timer.timeit(numbers[i]) / numbers[i] * 1e6)
+    return [{"best": min(r), "median": statistics.median(r), "calls_per_run": n}
+            for r, n in zip(runs, numbers, strict=True)]
 
 
 def main() -> None:
@@ -319,6 +330,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict[str, Any]] = []
+    pending: list[tuple[dict[str, Any], str, Callable[[], object]]] = []
     for name, event in sample_events().items():
         dc = as_dataclass(event)
         cross_check(event, dc)
@@ -340,10 +352,14 @@ def main() -> None:
             "msgspec (no header)": {"round_trip": partial(ms_union_round_trip, event)},
         }
         for codec, ops in cases.items():
-            timings = {op: time_us(fn, args.repeat) for op, fn in ops.items()}
-            rows.append({"event": name, "codec": codec,
-                         "bytes": len(raw_ms if "msgspec" in codec else raw_mp),
-                         "us": timings})
+            row: dict[str, Any] = {"event": name, "codec": codec,
+                                   "bytes": len(raw_ms if "msgspec" in codec else raw_mp),
+                                   "us": {}}
+            rows.append(row)
+            pending.extend((row, op, fn) for op, fn in ops.items())
+    for (row, op, _fn), timing in zip(
+            pending, time_all([fn for _r, _o, fn in pending], args.repeat), strict=True):
+        row["us"][op] = timing
 
     head = (f"{'event':<24} {'codec':<20} {'bytes':>6} {'round trip µs':>13} "
             f"{'(median)':>9} {'encode µs':>9} {'decode µs':>9} {'vs msgspec':>10}")
@@ -362,8 +378,8 @@ def main() -> None:
               f"{row['us']['round_trip']['median']:>9.2f} "
               f"{'-' if enc is None else format(enc, '.2f'):>9} "
               f"{'-' if dec is None else format(dec, '.2f'):>9} {ratio:>9.2f}x")
-    print(f"µs per call, best (and median) of {args.repeat} runs of ~50 ms each, one core; "
-          "encode/decode timed separately")
+    print(f"µs per call, best (and median) of {args.repeat} interleaved runs of ~50 ms each, "
+          "one core; encode and decode also timed on their own")
 
     report = {
         "benchmark": "codec",

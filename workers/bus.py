@@ -65,6 +65,12 @@ return kept
 """
 
 
+# Connections one client opens at most. Commands beyond that wait for a free one
+# (a session-affine worker acks hundreds of sessions at once) instead of failing,
+# which would look like an outage.
+MAX_CONNECTIONS = 32
+
+
 def connect(url: str, *, blocking_ms: int = 0) -> aioredis.Redis:
     """A client with no hidden retries: our loops retry with back-off themselves.
 
@@ -72,14 +78,17 @@ def connect(url: str, *, blocking_ms: int = 0) -> aioredis.Redis:
     redis-py drops (never reuses) a connection whose command was cancelled, so a
     cancelled read cannot leave a stray reply for the next command.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=30,
         socket_timeout=5.0 + blocking_ms / 1000,
         socket_connect_timeout=2.0,
         retry=Retry(NoBackoff(), 0),
         decode_responses=False,
         health_check_interval=0,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 Entry = tuple[str, dict[bytes, bytes]]

@@ -45,8 +45,8 @@ async def trim_consumed(redis: aioredis.Redis, stream: str) -> int:
         candidate = _successor(as_str(group["last-delivered-id"]))
         if int(group["pending"]):
             summary = await redis.xpending(stream, name)
-            oldest = as_str(summary["min"])
-            candidate = min(candidate, oldest, key=_id_key)
+            if summary["min"] is not None:  # else: acked since XINFO looked
+                candidate = min(candidate, as_str(summary["min"]), key=_id_key)
         if keep_from is None or _id_key(candidate) < _id_key(keep_from):
             keep_from = candidate
     if keep_from is None or keep_from == "0-1":

@@ -175,6 +175,10 @@ class Worker:
         self.reader = connect(settings.url, blocking_ms=settings.block_ms)
         self._control_reader = connect(settings.url, blocking_ms=settings.block_ms)
         self.bus = Bus(self.redis, self.keys, dict(settings.maxlen))
+        # Leases and reclaiming get their own connections: a heartbeat must never
+        # queue behind hundreds of sessions' acks, or peers would think us dead.
+        self._lease_client = connect(settings.url)
+        self.leases = Bus(self._lease_client, self.keys, dict(settings.maxlen))
         self.cancel = CancelLane(self.bus, settings.session_ttl_s)
         self.stopping = asyncio.Event()
         self.stats: Counter[str] = Counter()
@@ -204,7 +208,7 @@ class Worker:
             await asyncio.gather(*background, return_exceptions=True)
             with contextlib.suppress(*IO_ERRORS, ResponseError):
                 await self.on_stopped()
-            for client in (self.redis, self.reader, self._control_reader):
+            for client in (self.redis, self.reader, self._control_reader, self._lease_client):
                 await client.aclose()
             log.info("%s: stopped; %s", self.consumer, dict(self.stats) or "nothing handled")
 
@@ -490,7 +494,7 @@ class JobWorker(Worker):
         while not self.stopping.is_set() or self._in_flight:
             await asyncio.sleep(self.settings.claim_idle_ms / 3000)
             ids = list(self._in_flight)
-            kept = await self.bus.renew(self.queue, self.group, self.consumer, ids)
+            kept = await self.leases.renew(self.queue, self.group, self.consumer, ids)
             for entry_id in set(ids) - kept:
                 task = self._in_flight.get(entry_id)
                 if task is not None and not task.done():
@@ -507,7 +511,7 @@ class JobWorker(Worker):
             await self.sleep(self.settings.claim_idle_ms / 2000 * random.uniform(0.8, 1.2))
             if self.free <= 0 or self.stopping.is_set():
                 continue
-            reply = await self.redis.xautoclaim(
+            reply = await self.leases.redis.xautoclaim(
                 self.queue, self.group, self.consumer, self.settings.claim_idle_ms,
                 start_id=cursor, count=self.free)
             cursor = as_str(reply[0])

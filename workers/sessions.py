@@ -225,14 +225,15 @@ class SessionWorker(Worker):
         while not self.stopping.is_set():
             await self.sleep(self.settings.claim_idle_ms / 3000)
             owned = list(self._owned.values())
-            kept = await self.bus.renew(self.announcements, self.group, self.consumer,
+            kept = await self.leases.renew(self.announcements, self.group, self.consumer,
                                         [o.announce_id for o in owned])
             for lost in (o for o in owned if o.announce_id not in kept):
                 if lost.ended:
                     continue
                 self.stats["lost_sessions"] += 1
-                log.warning("%s: session %s was taken over by a peer; dropping it",
-                            self.consumer, lost.started.session_id)
+                with log_context(session_id=lost.started.session_id):
+                    log.warning("%s: session %s was taken over by a peer; dropping it",
+                                self.consumer, lost.started.session_id)
                 self._forget(lost)
                 if lost.task is not None:
                     lost.task.cancel()
@@ -248,7 +249,7 @@ class SessionWorker(Worker):
             room = self.settings.max_sessions - len(self._owned)
             if room <= 0 or self.stopping.is_set():
                 continue
-            reply = await self.redis.xautoclaim(
+            reply = await self.leases.redis.xautoclaim(
                 self.announcements, self.group, self.consumer, self.settings.claim_idle_ms,
                 start_id=cursor, count=min(room, 16))
             cursor = as_str(reply[0])
