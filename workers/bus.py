@@ -164,6 +164,14 @@ class Bus:
         dedup = [self.keys.dedup(stream, group, i) for i in emitted]
         return int(await self._ack(keys=[stream, *dedup], args=[group, *entry_ids]))
 
+    async def ack_many(self, acks: Sequence[tuple[str, str, Sequence[str], Sequence[str]]]) -> None:
+        """Several ``ack(stream, group, ids, emitted)`` in one pipelined round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, group, entry_ids, emitted in acks:
+            dedup = [self.keys.dedup(stream, group, i) for i in emitted]
+            await self._ack(keys=[stream, *dedup], args=[group, *entry_ids], client=pipe)
+        await pipe.execute()
+
     async def dead_letter(self, stream: str, group: str, entry_id: str,
                           letter: DeadLetter) -> None:
         dead = self.keys.dead_letter()

@@ -47,6 +47,49 @@ class SessionStage:
     open: Callable[[SessionStarted], SessionHandler]
 
 
+class _AckBatcher:
+    """Coalesces the acks of many sessions into one pipelined round trip.
+
+    With hundreds of sessions each acking its own small batch, per-command
+    client overhead dominated the worker's CPU (see bench/README.md). While one
+    flush is in flight the next acks accumulate, so a busy worker batches more
+    and an idle one adds no delay.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._queue: list[tuple[str, list[str], list[str], asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+
+    async def ack(self, stream: str, entry_ids: list[str], emitted: list[str]) -> None:
+        if not entry_ids:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append((stream, entry_ids, emitted, done))
+        self._wake.set()
+        await done
+
+    async def run(self) -> None:
+        group = self.worker.group
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+            acks = [(stream, group, ids, emitted) for stream, ids, emitted, _ in batch]
+            try:
+                await self.worker.io(lambda a=acks: self.worker.bus.ack_many(a))  # type: ignore[misc]
+            except BaseException as exc:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc if isinstance(exc, Exception) else Stopping())
+                raise
+            for *_, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+
 @dataclass(eq=False)
 class _Owned:
     started: SessionStarted
@@ -69,10 +112,11 @@ class SessionWorker(Worker):
         self._owned: dict[str, _Owned] = {}  # session_id -> state
         self._by_stream: dict[str, _Owned] = {}
         self._wake = asyncio.Event()  # a session's backlog drained
+        self._acks = _AckBatcher(self)
 
     def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
         return {"read": self._read_loop, "heartbeat": self._heartbeat_loop,
-                "reclaim": self._reclaim_loop, **super().loops()}
+                "reclaim": self._reclaim_loop, "acks": self._acks.run, **super().loops()}
 
     def streams_to_tidy(self) -> list[str]:
         return [self.announcements, *self._by_stream]
@@ -190,8 +234,7 @@ class SessionWorker(Worker):
                         emitted.append(entry_id)
                     if isinstance(event, SessionEnded):
                         owned.ended = True
-                await self.io(lambda d=done, e=emitted: self.bus.ack(  # type: ignore[misc]
-                    stream, self.group, d, e))
+                await self._acks.ack(stream, done, emitted)
                 owned.busy = False
                 self._wake.set()
             await self._release(owned)
