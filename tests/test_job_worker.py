@@ -135,6 +135,24 @@ def test_sigterm_finishes_in_flight_work_and_leaves_the_rest(
     assert sorted(e.turn_id for e in out) == [f"t{i}" for i in range(6)]
 
 
+def test_a_draining_worker_keeps_its_leases(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM mid-job: the job outlives the claim idle time while draining, and no
+    peer steals it, because leases are renewed until the very end."""
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    env = {"TEST_STAGE_DELAY": "2.5", "TEST_CLAIM_IDLE_MS": "500"}
+    a = workers.start("slow-asr", **env)
+    publish(sync_redis, queue, turn("s1", "t1"))
+    wait_for(lambda: pending(sync_redis, queue, "asr"), what="taken by a")
+    workers.start("slow-asr", **env)
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=10) == 0
+    time.sleep(1.0)
+    out = read_all(sync_redis, keys.out("s1"))
+    assert len(out) == 1 and str(a.pid) in out[0].text
+    assert "reclaimed" not in workers.logs()
+
+
 def test_sigterm_past_the_grace_period_acks_nothing_unfinished(
         workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
     keys = Keys(prefix)

@@ -131,3 +131,27 @@ def test_bad_announcements_and_frames_are_dead_lettered(workers, prefix, sync_re
     assert len(reasons) == 3
     assert any("expected session_started, got audio_frame" in r for r in reasons)
     assert proc.poll() is None
+
+
+def test_a_draining_owner_keeps_its_sessions_until_it_hands_them_back(
+        workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM with a backlog that takes longer than the claim idle time to drain:
+    heartbeats go on while draining, so no peer takes a session mid-way."""
+    keys = Keys(prefix)
+    env = {"TEST_STAGE_DELAY": "0.05", "TEST_CLAIM_IDLE_MS": "500", "TEST_GRACE_S": "10"}
+    a = workers.start("echo-session", **env)
+    sids = ["d1", "d2"]
+    start_sessions(sync_redis, keys, sids)
+    send_frames(sync_redis, keys, sids, range(40))
+    wait_for(lambda: sync_redis.xlen(keys.out("d1")) >= 1, what="a first echo")
+    workers.start("echo-session", **env)
+    a.send_signal(signal.SIGTERM)  # ~2 s of backlog left per session
+    assert a.wait(timeout=15) == 0
+    send_frames(sync_redis, keys, sids, range(40, 50), end=True)
+    wait_for(lambda: all(sync_redis.xlen(keys.out(s)) >= 50 for s in sids), timeout=30,
+             what="everything")
+    for sid in sids:
+        assert echoed(sync_redis, keys, sid) == list(range(50))
+    logs = workers.logs()
+    assert "taken over by a peer" not in logs and "took over" not in logs
+    assert logs.count("handed session") == 2

@@ -249,9 +249,13 @@ class Worker:
 
     # -- resilience ------------------------------------------------------
     async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        """Run a loop forever: back off while Redis is away, never die of an error."""
+        """Run a loop until it returns: back off while Redis is away, never die of an error.
+
+        Loops that feed new work return once stopping; those that keep in-flight
+        work safe (leases, acks) run until they are cancelled after the drain.
+        """
         backoff = Backoff()
-        while not self.stopping.is_set():
+        while True:
             started = time.monotonic()
             try:
                 await loop()
@@ -271,8 +275,7 @@ class Worker:
                 log.exception("%s: %s loop failed", self.consumer, name)
             if time.monotonic() - started > 2 * backoff.cap:
                 backoff.reset()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), backoff.next())
+            await asyncio.sleep(backoff.next())
 
     def _note_down(self, where: str, exc: BaseException) -> None:
         if self._down_since is None:
@@ -490,8 +493,9 @@ class JobWorker(Worker):
             self._slot_free.set()
 
     async def _lease_loop(self) -> None:
-        """Renew our claim on in-flight entries so peers do not take them."""
-        while not self.stopping.is_set() or self._in_flight:
+        """Renew our claim on in-flight entries so peers do not take them (also while
+        draining on shutdown, until cancelled)."""
+        while True:
             await asyncio.sleep(self.settings.claim_idle_ms / 3000)
             ids = list(self._in_flight)
             kept = await self.leases.renew(self.queue, self.group, self.consumer, ids)

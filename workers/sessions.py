@@ -253,6 +253,7 @@ class SessionWorker(Worker):
         pipe = self.redis.pipeline(transaction=False)
         pipe.expire(owned.stream, min(ttl, 60))
         pipe.expire(self.keys.cancelled(owned.started.session_id), ttl)
+        pipe.expire(self.keys.out(owned.started.session_id), ttl)  # late replies still drain
         await self.io(pipe.execute)
         self._forget(owned)
         self.stats["sessions_ended"] += 1
@@ -264,9 +265,11 @@ class SessionWorker(Worker):
 
     # -- leases ------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
-        """Keep our announcements pending and fresh; drop sessions a peer took over."""
-        while not self.stopping.is_set():
-            await self.sleep(self.settings.claim_idle_ms / 3000)
+        """Keep our announcements pending and fresh; drop sessions a peer took over.
+
+        Runs on while stopping, until the sessions are handed back."""
+        while True:
+            await asyncio.sleep(self.settings.claim_idle_ms / 3000)
             owned = list(self._owned.values())
             kept = await self.leases.renew(self.announcements, self.group, self.consumer,
                                         [o.announce_id for o in owned])
