@@ -40,6 +40,7 @@ from schemas import DEFAULT_MAX_EVENT_BYTES, DeadLetter, Event, SchemaError, Tur
 from workers import janitor
 from workers.bus import FIELD, Bus, as_str, connect, consumer_name, read_group
 from workers.cancel import CancelLane
+from workers.config import Config
 from workers.keys import Keys
 from workers.logs import log_context
 
@@ -77,7 +78,7 @@ class RuntimeSettings:
     read_count: int = 8
 
     @classmethod
-    def from_config(cls, config: Any, url: str) -> RuntimeSettings:
+    def from_config(cls, config: Config, url: str) -> RuntimeSettings:
         r, w = config.redis, config.worker
         return cls(
             url=url,
@@ -109,7 +110,6 @@ class Context:
     entry_id: str
     deliveries: int
     event: Event
-    started_ns: int = field(default_factory=time.time_ns)
 
     @property
     def keys(self) -> Keys:
@@ -141,7 +141,9 @@ class JobStage:
     handle: Handler
 
 
-Outcome = Literal["acked", "emitted", "handled", "cancelled", "stopped"]
+# What became of an entry: "acked" (dead-lettered, already acked), "emitted" (handled
+# and wrote outputs), "handled" (no outputs), "cancelled" (its turn was cancelled).
+Outcome = Literal["acked", "emitted", "handled", "cancelled"]
 
 
 class Stopping(Exception):
