@@ -121,6 +121,9 @@ class TurnEnded(TurnEvent, frozen=True, kw_only=True, tag="turn_ended"):
     decided_ms: Millis  # audio time at which the detector decided
     rule: Annotated[str, Meta(max_length=64)] = ""  # e.g. "smart_turn", "silence_timeout"
     probability: Probability | None = None
+    # A guess sent at the first pause so ASR can start early; the real TurnEnded
+    # (speculative=False) follows, or the user goes on and the guess is wasted.
+    speculative: bool = False
 
     def __post_init__(self) -> None:
         _check_pcm16(self.audio)
