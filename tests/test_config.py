@@ -66,14 +66,14 @@ def test_env_overrides_are_typed() -> None:
     cfg = load_config(
         env={
             "VOICEBUS_VAD__FALLBACK__SILENCE_TIMEOUT": "1.2",
-            "VOICEBUS_VAD__ADAPTIVE__ENABLED": "true",
+            "VOICEBUS_VAD__SPECULATIVE_ASR": "false",
             "VOICEBUS_REDIS__MAXLEN__AUDIO": "8000",
             "voicebus_log__level": "debug",
             "VOICEBUS_TTS__VOICE": "null",
         }
     )
     assert cfg.vad.fallback.silence_timeout == 1.2
-    assert cfg.vad.adaptive.enabled is True
+    assert cfg.vad.speculative_asr is False
     assert cfg.redis.maxlen.audio == 8000
     assert cfg.redis.maxlen.queue == 10000  # siblings keep their defaults
     assert cfg.log.level == "DEBUG"
@@ -229,3 +229,15 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path: Path) -> None:
 
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+def test_unimplemented_adaptive_tuning_is_refused_not_ignored() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"VOICEBUS_VAD__ADAPTIVE__ENABLED": "true"})
+    assert "vad.adaptive.enabled" in str(err.value) and "not implemented" in str(err.value)
+
+
+def test_vad_thresholds_must_be_ordered() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"VOICEBUS_VAD__SMART_TURN__CONFIDENCE_THRESHOLD": "0.3"})
+    assert "vad.smart_turn" in str(err.value)

@@ -53,23 +53,41 @@ class SmartTurnConfig(_Section):
     """Smart Turn v3 end-of-turn classifier (ONNX)."""
     model_config = ConfigDict(protected_namespaces=())  # allow the model_path field
     model_path: str | None = None  # None: the model file shipped inside pipecat-ai
+    # P(complete) >= confidence_threshold ends the turn at once; >= threshold ends it
+    # after half the silence timeout; below, the silence timeout decides.
     threshold: Probability = 0.5
     confidence_threshold: Probability = 0.7
     trigger_silence: PositiveFloat = 0.2  # the model only runs after this much silence
-    max_audio: PositiveFloat = 8.0  # the model was trained on windows of at most 8 s
+    max_audio: Annotated[float, Field(gt=0, le=8.0)] = 8.0  # trained on windows of <= 8 s
+    threads: PositiveInt = 1  # onnxruntime threads per inference
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.confidence_threshold < self.threshold:
+            raise ValueError("confidence_threshold must be >= threshold")
+        return self
 
 
 class VadFallbackConfig(_Section):
     """Plain silence timeout, used when Smart Turn is unsure or unavailable."""
     enabled: bool = True
     silence_timeout: PositiveFloat = 1.5
-    min_speech_duration: NonNegativeFloat = 0.8  # shorter bursts are coughs and clicks
+    # Smart Turn may end a turn only after this much speech (it misjudges short
+    # audio); shorter turns end by the silence timeout.
+    min_speech_duration: NonNegativeFloat = 0.8
+    # Speech shorter than this is a blip (cough, click): never a turn, never a barge-in.
+    min_turn_speech: NonNegativeFloat = 0.25
+    max_turn_duration: PositiveFloat = 60.0  # a turn is cut here even if speech goes on
 
 
 class QualityGatingConfig(_Section):
     """Drop audio too noisy to transcribe rather than hallucinate a turn."""
     enabled: bool = True
+    # Fraction of a window's power above the tracked noise floor, (E - N) / E; windows
+    # below it do not count as speech (0.3 is ~1.5 dB above the floor).
     min_snr: Probability = 0.3
+    # RMS amplitude of the noise floor (fraction of full scale) above which the
+    # input is too noisy to use and is ignored.
     max_noise_level: Probability = 0.5
 
 
@@ -78,11 +96,25 @@ class AdaptiveConfig(_Section):
     enabled: bool = False
     adjustment_rate: Probability = 0.1
 
+    @field_validator("enabled")
+    @classmethod
+    def _not_yet(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("adaptive per-user tuning is not implemented yet; set it to false")
+        return v
+
 
 class VadConfig(_Section):
     """Voice activity and end-of-turn detection."""
+    # hybrid: Smart Turn + silence fallback; silero: silence fallback only;
+    # smart_turn: Smart Turn, with the fallback only if fallback.enabled.
     type: Literal["hybrid", "silero", "smart_turn"] = "hybrid"
-    sample_rate: PositiveInt = 16000
+    sample_rate: Literal[16000] = 16000  # the models' rate; any input rate is resampled
+    speech_threshold: Probability = 0.5  # Silero P(speech) for a window to count as speech
+    device: Literal["cpu", "cuda"] = "cpu"
+    # Send the turn's audio to ASR at the first pause, so a turn the silence timeout
+    # ends later already has its transcript.
+    speculative_asr: bool = True
     smart_turn: SmartTurnConfig = Field(default_factory=SmartTurnConfig)
     fallback: VadFallbackConfig = Field(default_factory=VadFallbackConfig)
     quality_gating: QualityGatingConfig = Field(default_factory=QualityGatingConfig)

@@ -1,0 +1,59 @@
+"""Audio plumbing shared by the speech stages: PCM16 <-> float, resampling, re-blocking."""
+
+from __future__ import annotations
+
+import numpy as np
+import soxr
+
+MODEL_RATE = 16_000  # every speech model here runs at 16 kHz
+
+
+def pcm16_to_float(pcm: bytes) -> np.ndarray:
+    """Little-endian PCM16 -> float32 in [-1, 1)."""
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def float_to_pcm16(audio: np.ndarray) -> bytes:
+    """float -> PCM16; non-finite samples become silence, out-of-range ones are clipped."""
+    clean = np.nan_to_num(np.asarray(audio, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    return (np.clip(clean, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
+
+
+def resample(audio: np.ndarray, rate: int, to: int = MODEL_RATE) -> np.ndarray:
+    """Resample a whole clip (high quality, soxr)."""
+    if rate == to or audio.size == 0:
+        return audio.astype(np.float32, copy=False)
+    return soxr.resample(audio.astype(np.float32, copy=False), rate, to).astype(np.float32)
+
+
+class StreamResampler:
+    """Resamples a live stream chunk by chunk, keeping the filter state between chunks."""
+
+    def __init__(self, rate: int, to: int = MODEL_RATE) -> None:
+        self.rate, self.to = rate, to
+        self._stream = None if rate == to else soxr.ResampleStream(rate, to, 1, dtype="float32")
+
+    def __call__(self, chunk: np.ndarray) -> np.ndarray:
+        if self._stream is None:
+            return chunk
+        return self._stream.resample_chunk(chunk.astype(np.float32, copy=False))
+
+
+class Reblocker:
+    """Cuts a stream of chunks of any size into fixed-size blocks (the model's window)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._buffer = np.zeros(0, dtype=np.float32)
+
+    def __call__(self, chunk: np.ndarray) -> list[np.ndarray]:
+        data = np.concatenate([self._buffer, chunk]) if self._buffer.size else chunk
+        whole = data.size // self.size * self.size
+        self._buffer = data[whole:].copy()
+        return [data[i:i + self.size] for i in range(0, whole, self.size)]
+
+
+def level_db(block: np.ndarray) -> float:
+    """RMS level in dBFS (a full-scale sine is about -3 dB); silence floors at -100."""
+    power = float(np.mean(np.square(block, dtype=np.float64))) if block.size else 0.0
+    return 10.0 * np.log10(max(power, 1e-10))
