@@ -23,7 +23,8 @@ def resample(audio: np.ndarray, rate: int, to: int = MODEL_RATE) -> np.ndarray:
     """Resample a whole clip (high quality, soxr)."""
     if rate == to or audio.size == 0:
         return audio.astype(np.float32, copy=False)
-    return soxr.resample(audio.astype(np.float32, copy=False), rate, to).astype(np.float32)
+    out = soxr.resample(audio.astype(np.float32, copy=False), rate, to)
+    return np.asarray(out, dtype=np.float32)
 
 
 class StreamResampler:
@@ -36,7 +37,8 @@ class StreamResampler:
     def __call__(self, chunk: np.ndarray) -> np.ndarray:
         if self._stream is None:
             return chunk
-        return self._stream.resample_chunk(chunk.astype(np.float32, copy=False))
+        out = self._stream.resample_chunk(chunk.astype(np.float32, copy=False))
+        return np.asarray(out, dtype=np.float32)
 
 
 class Reblocker:
@@ -56,4 +58,4 @@ class Reblocker:
 def level_db(block: np.ndarray) -> float:
     """RMS level in dBFS (a full-scale sine is about -3 dB); silence floors at -100."""
     power = float(np.mean(np.square(block, dtype=np.float64))) if block.size else 0.0
-    return 10.0 * np.log10(max(power, 1e-10))
+    return 10.0 * float(np.log10(max(power, 1e-10)))

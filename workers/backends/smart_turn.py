@@ -45,12 +45,12 @@ def mel_filters() -> np.ndarray:
     rising = (freqs[:, None] - lower) / (centre - lower)
     falling = (upper - freqs[:, None]) / (upper - centre)
     filters = np.maximum(0.0, np.minimum(rising, falling))
-    return filters * (2.0 / (upper - lower))
+    return np.asarray(filters * (2.0 / (upper - lower)), dtype=np.float64)
 
 
 @cache
 def _window() -> np.ndarray:
-    return np.hanning(N_FFT + 1)[:-1]  # periodic Hann
+    return np.asarray(np.hanning(N_FFT + 1)[:-1], dtype=np.float64)  # periodic Hann
 
 
 def log_mel(audio: np.ndarray) -> np.ndarray:
@@ -65,7 +65,7 @@ def log_mel(audio: np.ndarray) -> np.ndarray:
     mel = power[:-1] @ mel_filters()  # drop the last frame, as Whisper does -> (800, 80)
     logs = np.log10(np.maximum(mel, 1e-10))
     logs = np.maximum(logs, logs.max() - 8.0)
-    return ((logs + 4.0) / 4.0).T.astype(np.float32)
+    return np.asarray(((logs + 4.0) / 4.0).T, dtype=np.float32)
 
 
 class SmartTurnModel:
