@@ -78,13 +78,25 @@ class WorkerProcs:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, stage: str, **env: str) -> subprocess.Popen[bytes]:
+        """A test stage (tests/support/stages.py) in its own process."""
+        return self._spawn(stage, [sys.executable, "-m", "tests.support.run_stage", stage,
+                                   self.url, self.prefix], env)
+
+    def start_cli(self, stage: str, **env: str) -> subprocess.Popen[bytes]:
+        """The real ``voicebus worker STAGE``, as an operator starts it."""
+        settings = {"REDIS_URL": self.url, "VOICEBUS_REDIS__KEY_PREFIX": self.prefix,
+                    "VOICEBUS_REDIS__CLAIM_IDLE_MS": "1000", "VOICEBUS_REDIS__BLOCK_MS": "200"}
+        return self._spawn(stage, [sys.executable, "-m", "voicebus", "worker", stage],
+                           {**settings, **env}, timeout=120)
+
+    def _spawn(self, stage: str, argv: list[str], env: dict[str, str],
+               timeout: float = 30) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{stage}-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.run_stage", stage, self.url, self.prefix],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
         self.procs.append(proc)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         path = Path(log.name)
         while b"started (group" not in path.read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -49,6 +49,11 @@ class Keys:
         """Hash of the session's cancelled turn ids -> reason."""
         return f"{self.prefix}:{{{session_id}}}:cancelled"
 
+    def active_turn(self, session_id: str) -> str:
+        """The agent turn being prepared or played (barge-in cancels it); the gateway
+        deletes it when the last audio of the turn has been played."""
+        return f"{self.prefix}:{{{session_id}}}:active_turn"
+
     def dedup(self, stream: str, group: str, entry_id: str) -> str:
         """Which outputs of one input entry were already written (see runtime)."""
         return f"{stream}:dedup:{group}:{entry_id}"

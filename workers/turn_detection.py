@@ -6,8 +6,9 @@ Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
 * **Speech** per window: Silero P(speech) >= ``speech_threshold`` (with
   hysteresis), and, when quality gating is on, enough power above a tracked
   noise floor (``min_snr``) in an input that is not hopelessly noisy
-  (``max_noise_level``). The noise floor follows the quiet windows (fast down,
-  slow up), so it adapts to the room instead of being a constant.
+  (``max_noise_level``). The noise floor is the quietest window of the last
+  ~3 s (minimum statistics): pauses between words reach it, a steady hum or fan
+  becomes it, and it needs no help from the VAD, which such noise can fool.
 * **A turn starts** once it holds ``min_turn_speech`` of speech; anything shorter
   that fades out is a blip (cough, click) and never becomes a turn or a barge-in.
 * **A turn ends** at a pause:
@@ -25,6 +26,7 @@ loop) and hands the probability back with ``judged``.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,9 +40,7 @@ WINDOW = 512
 PREROLL = RATE * 3 // 10  # audio kept before the first speech window (soft onsets)
 TAIL = RATE // 10  # audio kept after the last speech window
 STOP_THRESHOLD_GAP = 0.15  # hysteresis: speech continues down to threshold - gap
-QUIET_PROB = 0.15  # windows below this update the noise floor
-FLOOR_RISE_DB = 0.05  # per window (~1.5 dB/s): a louder room is learnt slowly
-FLOOR_START_DB = -60.0
+FLOOR_WINDOWS = 94  # ~3 s of levels for the noise-floor minimum
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,16 @@ class Blip:
 Action = SpeechStart | SpeechStop | NeedsTurnCheck | TurnEnd | Blip
 
 
+def seconds(value: float) -> int:
+    """Seconds -> samples of audio time."""
+    return int(value * RATE)
+
+
 class TurnDetector:
     def __init__(self, config: VadConfig, speech_probability: Callable[[np.ndarray], float]):
         self.cfg = config
         self.vad = speech_probability
         self.use_model = config.type in ("hybrid", "smart_turn")
-        seconds = lambda s: int(s * RATE)  # noqa: E731
         fb, st = config.fallback, config.smart_turn
         self.min_turn_speech = seconds(fb.min_turn_speech)
         self.min_model_speech = seconds(fb.min_speech_duration)
@@ -98,7 +102,7 @@ class TurnDetector:
         self.max_model_audio = seconds(st.max_audio)
 
         self.pos = 0  # samples consumed
-        self.noise_db = FLOOR_START_DB
+        self._levels: deque[float] = deque(maxlen=FLOOR_WINDOWS)
         self._speaking = False  # window-level speech state (with hysteresis)
         self._audio: list[np.ndarray] = []  # pre-roll while idle, the turn while active
         self._audio_start = 0  # sample index of _audio[0]
@@ -143,6 +147,11 @@ class TurnDetector:
             return [self._end("end_of_stream")]
         return []
 
+    @property
+    def noise_db(self) -> float:
+        """The tracked noise floor, dBFS."""
+        return min(self._levels) if self._levels else -100.0
+
     # -- speech / silence ------------------------------------------------
     def _is_speech(self, window: np.ndarray) -> bool:
         prob = self.vad(window)
@@ -151,11 +160,7 @@ class TurnDetector:
         if self._speaking:
             threshold = max(0.05, threshold - STOP_THRESHOLD_GAP)
         voiced = prob >= threshold
-        if prob < QUIET_PROB:  # track the room's floor on clearly quiet windows
-            if level < self.noise_db:
-                self.noise_db = level
-            else:
-                self.noise_db = min(level, self.noise_db + FLOOR_RISE_DB)
+        self._levels.append(level)
         gate = self.cfg.quality_gating
         if voiced and gate.enabled:
             snr = 1.0 - 10.0 ** (-(level - self.noise_db) / 10.0)

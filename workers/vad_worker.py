@@ -1,64 +1,174 @@
-"""VAD stage (session-affine). PLACEHOLDER until the hybrid VAD lands (issue 3).
+"""VAD stage (session-affine): speech start/stop and the end of the user's turn.
 
-``PassthroughVad`` detects nothing: it treats a session's whole audio, up to the
-session's end (or every ``MAX_TURN_S`` of audio), as one turn. It exists so the
-bus can be run end to end before the speech models do; it is named as such in
-logs and in the turn's ``rule``.
+Each session's frames arrive in capture order; any input rate is resampled to
+16 kHz and re-blocked into Silero's 32 ms windows, and ``TurnDetector`` decides
+in audio time. Per turn it emits:
+
+* ``SpeechStarted`` / ``SpeechStopped`` to the session's out stream;
+* ``TurnEnded`` with the utterance to the ASR queue (and, without the audio,
+  to the out stream: the record of which rule ended the turn, the model's
+  probability and how long after the last speech the decision came);
+* speculative ``TurnEnded``s at pauses, so ASR can start before the turn ends.
+
+Barge-in: when the user starts speaking while an agent turn is being prepared
+or played (``keys.active_turn``), that turn is cancelled on the cancel lane.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass
 
-from schemas import AudioFrame, Event, SessionEnded, SessionStarted, SpeechStarted, TurnEnded
+import msgspec
+
+from schemas import (
+    AudioFrame,
+    Event,
+    SessionEnded,
+    SessionStarted,
+    SpeechStarted,
+    SpeechStopped,
+    TurnEnded,
+)
+from workers.backends.audio import Reblocker, StreamResampler, float_to_pcm16, pcm16_to_float
+from workers.backends.silero import WINDOW, SileroModel
+from workers.backends.smart_turn import SmartTurnModel
+from workers.bus import as_str
+from workers.config import Config
 from workers.runtime import Context, Emit
 from workers.sessions import SessionStage
+from workers.turn_detection import (
+    RATE,
+    Action,
+    Blip,
+    NeedsTurnCheck,
+    SpeechStart,
+    SpeechStop,
+    TurnDetector,
+    TurnEnd,
+)
 
-MAX_TURN_S = 10.0
+log = logging.getLogger(__name__)
+
+ACTIVE_TURN_TTL_S = 120  # an agent turn nobody finished is forgotten after this
 
 
-class PassthroughVad:
-    def __init__(self, started: SessionStarted) -> None:
+@dataclass
+class VadModels:
+    """Loaded once per process, shared by every session it owns."""
+
+    silero: SileroModel
+    smart_turn: SmartTurnModel | None
+
+    @classmethod
+    def load(cls, config: Config) -> VadModels:
+        vad = config.vad
+        smart = None
+        if vad.type != "silero":
+            smart = SmartTurnModel(vad.smart_turn.model_path, vad.device, vad.smart_turn.threads)
+        return cls(SileroModel(device=vad.device), smart)
+
+
+def _ms(samples: int) -> int:
+    return samples * 1000 // RATE
+
+
+class HybridVad:
+    """One session's VAD state."""
+
+    def __init__(self, started: SessionStarted, models: VadModels, config: Config) -> None:
         self.session_id = started.session_id
-        self.sample_rate = started.sample_rate
-        self.samples_seen = 0  # audio time of the session, in samples
+        self.models = models
+        self.rate = started.sample_rate
+        self.resample = StreamResampler(self.rate)
+        self.reblock = Reblocker(WINDOW)
+        self.detector = TurnDetector(config.vad, models.silero.stream())
         self.turn_id: str | None = None
-        self.turn_start = 0
-        self.audio = bytearray()
 
     async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
         if isinstance(event, AudioFrame):
-            if self.turn_id is None:
-                self.turn_id = uuid.uuid4().hex[:12]
-                self.turn_start = self.samples_seen
-                yield Emit(ctx.keys.out(self.session_id), SpeechStarted(
-                    session_id=self.session_id, turn_id=self.turn_id,
-                    audio_ms=self._ms(self.samples_seen), traceparent=event.traceparent))
-            self.audio += event.pcm
-            self.samples_seen += event.samples
-            if self.samples_seen - self.turn_start >= MAX_TURN_S * self.sample_rate:
-                yield self._end_turn(ctx, event)
-        elif isinstance(event, SessionEnded) and self.turn_id is not None:
-            yield self._end_turn(ctx, event)
+            if event.sample_rate != self.rate:  # the device changed its rate mid-session
+                log.info("input rate changed %d -> %d Hz", self.rate, event.sample_rate)
+                self.rate = event.sample_rate
+                self.resample = StreamResampler(self.rate)
+            audio = self.resample(pcm16_to_float(event.pcm))
+            for window in self.reblock(audio):
+                for action in self.detector.push(window):
+                    async for out in self._act(action, ctx, event):
+                        yield out
+        elif isinstance(event, SessionEnded):
+            for action in self.detector.flush():
+                async for out in self._act(action, ctx, event):
+                    yield out
 
-    def _end_turn(self, ctx: Context, cause: Event) -> Emit:
+    async def _act(self, action: Action, ctx: Context, cause: Event) -> AsyncIterator[Emit]:
+        sid, out = self.session_id, ctx.keys.out(self.session_id)
+        if isinstance(action, SpeechStart):
+            self.turn_id = uuid.uuid4().hex[:16]
+            await self._barge_in(ctx)
+            yield Emit(out, SpeechStarted(session_id=sid, turn_id=self.turn_id,
+                                          audio_ms=_ms(action.at),
+                                          traceparent=cause.traceparent))
+        elif isinstance(action, SpeechStop) and self.turn_id:
+            yield Emit(out, SpeechStopped(session_id=sid, turn_id=self.turn_id,
+                                          audio_ms=_ms(action.at),
+                                          traceparent=cause.traceparent))
+        elif isinstance(action, NeedsTurnCheck) and self.models.smart_turn is not None:
+            # ~50 ms of CPU: off the event loop, so leases and other sessions go on.
+            probability = await asyncio.to_thread(self.models.smart_turn.probability,
+                                                  action.audio)
+            for follow_up in self.detector.judged(probability):
+                async for emitted in self._act(follow_up, ctx, cause):
+                    yield emitted
+        elif isinstance(action, TurnEnd) and self.turn_id:
+            async for emitted in self._turn_ended(action, ctx, cause):
+                yield emitted
+        elif isinstance(action, Blip):
+            log.debug("ignored a %d ms blip at %d ms", _ms(action.speech), _ms(action.start))
+
+    async def _turn_ended(self, end: TurnEnd, ctx: Context, cause: Event) -> AsyncIterator[Emit]:
         assert self.turn_id is not None
         turn = TurnEnded(
-            session_id=self.session_id, turn_id=self.turn_id, sample_rate=self.sample_rate,
-            audio=bytes(self.audio), speech_start_ms=self._ms(self.turn_start),
-            speech_end_ms=self._ms(self.samples_seen), decided_ms=self._ms(self.samples_seen),
-            rule="placeholder", traceparent=cause.traceparent)
-        self.turn_id, self.audio = None, bytearray()
-        return Emit(ctx.keys.queue("asr"), turn)
+            session_id=self.session_id, turn_id=self.turn_id, sample_rate=RATE,
+            audio=float_to_pcm16(end.audio), speech_start_ms=_ms(end.start),
+            speech_end_ms=_ms(end.speech_end), decided_ms=_ms(end.decided), rule=end.rule,
+            probability=end.probability, speculative=end.speculative,
+            traceparent=cause.traceparent)
+        yield Emit(ctx.keys.queue("asr"), turn)
+        if end.speculative:
+            return
+        yield Emit(ctx.keys.out(self.session_id), _without_audio(turn))
+        await ctx.bus.redis.set(ctx.keys.active_turn(self.session_id), self.turn_id,
+                                ex=ACTIVE_TURN_TTL_S)
+        log.info("turn %s ended by %s (p=%s) %d ms after the last speech; %.2f s of speech",
+                 self.turn_id, end.rule,
+                 "-" if end.probability is None else f"{end.probability:.2f}",
+                 end.delay_ms, (end.speech_end - end.start) / RATE)
+        self.turn_id = None
 
-    def _ms(self, samples: int) -> int:
-        return samples * 1000 // self.sample_rate
+    async def _barge_in(self, ctx: Context) -> None:
+        """The user speaks while the agent's previous turn is still live: cancel it."""
+        key = ctx.keys.active_turn(self.session_id)
+        previous = await ctx.bus.redis.getdel(key)
+        if previous:
+            turn = as_str(previous)
+            await ctx.cancel.cancel(self.session_id, turn, "barge-in")
+            log.info("barge-in: cancelled agent turn %s", turn)
 
     async def close(self) -> None:
-        self.audio = bytearray()
+        self.reblock = Reblocker(WINDOW)
 
 
-def build(config: Any) -> SessionStage:
-    return SessionStage("vad", PassthroughVad)
+def _without_audio(turn: TurnEnded) -> TurnEnded:
+    return msgspec.structs.replace(turn, audio=b"")
+
+
+def build(config: Config) -> SessionStage:
+    models = VadModels.load(config)
+    log.info("VAD models loaded: %s%s", models.silero.path.name,
+             f", {models.smart_turn.path.name}" if models.smart_turn else "")
+    return SessionStage("vad", lambda started: HybridVad(started, models, config))
+

@@ -1,0 +1,218 @@
+"""Turn detection on real speech with the real models (Silero + Smart Turn, ONNX)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.audio import (
+    ARCTIC,
+    ARCTIC_COMMA_S,
+    GO_FORWARD,
+    LIBRIVOX,
+    RATE,
+    blip,
+    cough,
+    join,
+    noise_burst,
+    silence,
+    speech,
+    with_pause,
+)
+from workers.backends.silero import SileroModel
+from workers.backends.smart_turn import SmartTurnModel
+from workers.config import Config, VadConfig
+from workers.turn_detection import (
+    Blip,
+    NeedsTurnCheck,
+    SpeechStart,
+    SpeechStop,
+    TurnDetector,
+    TurnEnd,
+)
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[SileroModel, SmartTurnModel]:
+    return SileroModel(), SmartTurnModel()
+
+
+def detect(audio: np.ndarray, models: tuple[SileroModel, SmartTurnModel],
+           config: VadConfig | None = None, chunk: int = 512) -> list[object]:
+    """Run the detector over audio in ``chunk``-sized pieces, answering its model checks."""
+    silero, smart = models
+    detector = TurnDetector(config or Config().vad, silero.stream())
+    actions: list[object] = []
+    pending: list[object] = []
+    for i in range(0, audio.size - 511, 512):
+        pending.extend(detector.push(audio[i:i + 512]))
+        while pending:
+            action = pending.pop(0)
+            if isinstance(action, NeedsTurnCheck):
+                pending.extend(detector.judged(smart.probability(action.audio)))
+            actions.append(action)
+    return actions + list(detector.flush())
+
+
+def turns(actions: list[object]) -> list[TurnEnd]:
+    return [a for a in actions if isinstance(a, TurnEnd) and not a.speculative]
+
+
+@pytest.mark.parametrize("name", [GO_FORWARD, ARCTIC, LIBRIVOX])
+def test_one_utterance_is_one_turn_with_speech_bounds_in_audio_time(name, models) -> None:  # type: ignore[no-untyped-def]
+    actions = detect(join(silence(1.0), speech(name), silence(2.0)), models)
+    [turn] = turns(actions)
+    starts = [a for a in actions if isinstance(a, SpeechStart)]
+    assert len(starts) == 1
+    # Manifest bounds of the speech (+1 s of leading silence), within ~100 ms.
+    bounds = {GO_FORWARD: (0.50, 2.36), ARCTIC: (0.21, 2.88), LIBRIVOX: (0.25, 2.77)}[name]
+    assert abs(starts[0].at / RATE - (1.0 + bounds[0])) < 0.15
+    assert abs(turn.speech_end / RATE - (1.0 + bounds[1])) < 0.15
+    assert turn.rule in ("smart_turn", "smart_turn_probable", "silence_timeout")
+    assert turn.audio.size >= (bounds[1] - bounds[0]) * RATE  # the whole utterance
+
+
+def test_complete_questions_end_fast_by_smart_turn(models) -> None:  # type: ignore[no-untyped-def]
+    [turn] = turns(detect(join(silence(1.0), speech(GO_FORWARD), silence(2.0)), models))
+    assert turn.rule == "smart_turn" and turn.probability is not None
+    assert turn.probability >= 0.7
+    assert 150 <= turn.delay_ms <= 300  # trigger_silence (0.2 s) plus one window
+
+
+def test_incomplete_sounding_speech_waits_for_the_silence_timeout(models) -> None:  # type: ignore[no-untyped-def]
+    # Smart Turn judges this book excerpt unfinished; the fallback ends it at 1.5 s.
+    actions = detect(join(silence(1.0), speech(LIBRIVOX), silence(2.5)), models)
+    [turn] = turns(actions)
+    assert turn.rule == "silence_timeout"
+    assert 1500 <= turn.delay_ms <= 1550
+    # ...and ASR got the same utterance speculatively at the first pause.
+    [guess] = [a for a in actions if isinstance(a, TurnEnd) and a.speculative]
+    assert guess.speech_end == turn.speech_end and guess.decided < turn.decided
+
+
+def test_a_600ms_pause_mid_sentence_is_one_turn(models) -> None:  # type: ignore[no-untyped-def]
+    audio = join(silence(1.0), with_pause(ARCTIC, ARCTIC_COMMA_S, 0.6), silence(2.0))
+    actions = detect(audio, models)
+    [turn] = turns(actions)
+    assert turn.speech_end / RATE > 1.0 + 2.88 + 0.6 - 0.15  # ends after the second half
+    assert sum(isinstance(a, SpeechStop) for a in actions) == 2  # it noticed the pause
+
+
+def test_two_sentences_2s_apart_are_two_turns(models) -> None:  # type: ignore[no-untyped-def]
+    audio = join(silence(1.0), speech(GO_FORWARD), silence(2.0), speech(ARCTIC), silence(2.0))
+    first, second = turns(detect(audio, models))
+    assert first.speech_end < second.start
+    assert second.start / RATE == pytest.approx(1.0 + 2.786 + 2.0 + 0.21, abs=0.15)
+
+
+def test_a_loud_noise_burst_in_silence_starts_no_turn(models) -> None:  # type: ignore[no-untyped-def]
+    actions = detect(join(silence(1.0), noise_burst(0.5), silence(2.0)), models)
+    assert not any(isinstance(a, (SpeechStart, TurnEnd)) for a in actions)
+
+
+@pytest.mark.parametrize("sound", [cough(), blip(0.2)], ids=["cough", "speech-blip"])
+def test_a_blip_alone_is_not_a_turn(sound, models) -> None:  # type: ignore[no-untyped-def]
+    actions = detect(join(silence(1.0), sound, silence(2.0)), models)
+    assert not any(isinstance(a, (SpeechStart, TurnEnd)) for a in actions)
+
+
+@pytest.mark.parametrize("sound", [cough(), blip(0.2)], ids=["cough", "speech-blip"])
+def test_a_blip_in_a_pause_does_not_end_the_turn(sound, models) -> None:  # type: ignore[no-untyped-def]
+    clip = speech(ARCTIC)
+    cut = int(ARCTIC_COMMA_S * RATE)
+    audio = join(silence(1.0), clip[:cut], silence(0.5), sound, silence(0.5), clip[cut:],
+                 silence(2.0))
+    [turn] = turns(detect(audio, models))
+    assert turn.speech_end / RATE > 1.0 + 2.88 + 1.2 - 0.15
+
+
+def test_any_chunking_gives_the_same_decisions(models) -> None:  # type: ignore[no-untyped-def]
+    """Decisions depend on the audio only, not on how it was cut into frames."""
+    audio = join(silence(0.7), speech(GO_FORWARD), silence(2.0))
+
+    def decisions(chunk: int) -> list[tuple[str, int]]:
+        silero, smart = models
+        detector = TurnDetector(Config().vad, silero.stream())
+        from workers.backends.audio import Reblocker
+
+        reblock, out = Reblocker(512), []
+        for i in range(0, audio.size, chunk):
+            for window in reblock(audio[i:i + chunk]):
+                for a in detector.push(window):
+                    if isinstance(a, NeedsTurnCheck):
+                        a = detector.judged(smart.probability(a.audio))[0]
+                    if isinstance(a, TurnEnd):
+                        out.append((a.rule, a.decided))
+        return out
+
+    assert decisions(160) == decisions(512) == decisions(1777)
+
+
+def test_silero_only_mode_uses_the_silence_timeout(models) -> None:  # type: ignore[no-untyped-def]
+    config = Config().vad.model_copy(update={"type": "silero"})
+    actions = detect(join(silence(1.0), speech(GO_FORWARD), silence(2.0)), models, config)
+    assert not any(isinstance(a, NeedsTurnCheck) for a in actions)
+    [turn] = turns(actions)
+    assert turn.rule == "silence_timeout"
+
+
+def test_a_turn_longer_than_the_cap_is_cut(models) -> None:  # type: ignore[no-untyped-def]
+    config = Config().vad.model_copy(update={"fallback": Config().vad.fallback.model_copy(
+        update={"max_turn_duration": 2.0})})
+    long_speech = join(speech(ARCTIC), speech(LIBRIVOX))
+    actions = detect(join(silence(0.5), long_speech, silence(2.0)), models, config)
+    assert turns(actions)[0].rule == "max_duration"
+
+
+def test_bad_windows_are_refused(models) -> None:  # type: ignore[no-untyped-def]
+    detector = TurnDetector(Config().vad, models[0].stream())
+    with pytest.raises(ValueError, match="512"):
+        detector.push(np.zeros(100, dtype=np.float32))
+
+
+def test_blip_record(models) -> None:  # type: ignore[no-untyped-def]
+    actions = detect(join(silence(1.0), blip(0.2), silence(2.0)), models)
+    [record] = [a for a in actions if isinstance(a, Blip)]
+    assert 0 < record.speech <= 0.25 * RATE
+
+
+def hum(seconds: float, db: float) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    tone = np.sin(2 * np.pi * 120 * t) + 0.5 * np.sin(2 * np.pi * 240 * t)
+    return (tone / np.sqrt(np.mean(tone**2)) * 10 ** (db / 20)).astype(np.float32)
+
+
+def test_the_noise_floor_is_learnt_from_the_room(models) -> None:  # type: ignore[no-untyped-def]
+    detector = TurnDetector(Config().vad, models[0].stream())
+    for room_db in (-60.0, -35.0):  # a quiet room, then a fan starts
+        audio = hum(4.0, room_db)
+        for i in range(0, audio.size - 511, 512):
+            detector.push(audio[i:i + 512])
+        assert detector.noise_db == pytest.approx(room_db, abs=1.5)
+
+
+def test_speech_over_a_steady_hum_is_still_a_turn(models) -> None:  # type: ignore[no-untyped-def]
+    audio = hum(6.0, -32.0)
+    s = speech(GO_FORWARD)
+    audio[RATE:RATE + s.size] += s
+    assert len(turns(detect(audio, models))) == 1
+
+
+def test_quality_gating_rejects_what_a_fooled_vad_calls_speech(models) -> None:  # type: ignore[no-untyped-def]
+    """A VAD fooled by a steady machine hum (here: one that says "speech" to
+    everything) must not produce turns when the audio carries nothing above the
+    room's noise floor; with gating off, it does."""
+    audio = hum(5.0, -25.0)
+
+    def run(gating: bool) -> list[object]:
+        config = Config().vad.model_copy(update={
+            "type": "silero", "quality_gating": Config().vad.quality_gating.model_copy(
+                update={"enabled": gating})})
+        detector = TurnDetector(config, lambda window: 0.9)
+        actions: list[object] = []
+        for i in range(0, audio.size - 511, 512):
+            actions.extend(detector.push(audio[i:i + 512]))
+        return actions + list(detector.flush())
+
+    assert not any(isinstance(a, SpeechStart) for a in run(gating=True))
+    assert any(isinstance(a, SpeechStart) for a in run(gating=False))
