@@ -1,0 +1,148 @@
+"""The VAD stage as an operator runs it (`voicebus worker vad`), through a real Redis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+
+from schemas import (
+    AudioFrame,
+    SessionEnded,
+    SessionStarted,
+    SpeechStarted,
+    SpeechStopped,
+    TurnCancelled,
+    TurnEnded,
+    encode,
+)
+from tests.audio import ARCTIC, GO_FORWARD, RATE, join, pcm, silence, speech
+from tests.busutil import dead_letters, publish, read_all
+from tests.conftest import wait_for
+from workers.backends.audio import resample
+from workers.bus import FIELD
+from workers.keys import Keys
+
+
+def stream_session(r: redis.Redis, keys: Keys, sid: str, audio: np.ndarray, rate: int = RATE,
+                   frame_ms: int = 20, end: bool = True) -> None:
+    """Announce a session and send its audio as frames (decisions are in audio time,
+    so sending faster than real time changes nothing)."""
+    publish(r, keys.sessions(), SessionStarted(session_id=sid, user_id="u", sample_rate=rate))
+    data = pcm(resample(audio, RATE, rate))
+    step = rate * frame_ms // 1000 * 2
+    pipe = r.pipeline(transaction=False)
+    for seq, offset in enumerate(range(0, len(data), step)):
+        pipe.xadd(keys.audio(sid), {FIELD: encode(AudioFrame(
+            session_id=sid, seq=seq, sample_rate=rate, pcm=data[offset:offset + step]))})
+    if end:
+        pipe.xadd(keys.audio(sid), {FIELD: encode(SessionEnded(session_id=sid))})
+    pipe.execute()
+
+
+def final_turns(r: redis.Redis, keys: Keys) -> list[TurnEnded]:
+    return [e for e in read_all(r, keys.queue("asr"))
+            if isinstance(e, TurnEnded) and not e.speculative]
+
+
+def test_a_spoken_command_becomes_a_turn(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    workers.start_cli("vad")
+    stream_session(sync_redis, keys, "s1", join(silence(1.0), speech(GO_FORWARD), silence(2.0)))
+    [turn] = wait_for(lambda: final_turns(sync_redis, keys), what="turn ended")
+    assert turn.rule == "smart_turn" and turn.probability and turn.probability >= 0.7
+    assert abs(turn.speech_start_ms - 1500) < 150 and abs(turn.speech_end_ms - 3360) < 150
+    assert 150 <= turn.decided_ms - turn.speech_end_ms <= 300  # decided ~0.2 s after speech
+    assert turn.sample_rate == RATE and len(turn.audio) >= (3360 - 1500) * 32  # the utterance
+
+    out = wait_for(lambda: (e := read_all(sync_redis, keys.out("s1"))) and len(e) >= 3 and e,
+                   what="out events")
+    assert [type(e) for e in out] == [SpeechStarted, SpeechStopped, TurnEnded]
+    assert len({e.turn_id for e in out}) == 1 and out[0].turn_id == turn.turn_id
+    assert out[2].audio == b"" and out[2].rule == "smart_turn"  # the decision record
+    assert "ended by smart_turn" in workers.logs()
+
+
+def test_two_sentences_are_two_turns_in_order(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    workers.start_cli("vad")
+    audio = join(silence(0.5), speech(GO_FORWARD), silence(2.0), speech(ARCTIC), silence(2.0))
+    stream_session(sync_redis, keys, "s1", audio)
+    turns = wait_for(lambda: (t := final_turns(sync_redis, keys)) and len(t) == 2 and t,
+                     what="two turns")
+    assert turns[0].speech_end_ms < turns[1].speech_start_ms
+    assert turns[0].turn_id != turns[1].turn_id
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_any_input_rate_is_resampled(rate, workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    workers.start_cli("vad")
+    stream_session(sync_redis, keys, "s1", join(silence(1.0), speech(GO_FORWARD), silence(2.0)),
+                   rate=rate, frame_ms=30)
+    [turn] = wait_for(lambda: final_turns(sync_redis, keys), what="turn")
+    assert turn.sample_rate == RATE  # ASR always gets 16 kHz
+    assert abs(turn.speech_start_ms - 1500) < 200 and abs(turn.speech_end_ms - 3360) < 200
+
+
+def test_bad_and_odd_input_never_kills_the_worker(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    proc = workers.start_cli("vad")
+    sid = "odd"
+    publish(sync_redis, keys.sessions(), SessionStarted(session_id=sid, user_id="u",
+                                                        sample_rate=RATE))
+    square = np.sign(np.sin(np.arange(RATE) / RATE * 2 * np.pi * 200)).astype(np.float32)
+    frames = [
+        b"",  # an empty frame
+        pcm(square),  # clipped, full-scale square wave
+        pcm(np.full(4000, np.nan, dtype=np.float32)),  # NaNs from a device become silence
+    ]
+    for seq, data in enumerate(frames):
+        publish(sync_redis, keys.audio(sid), AudioFrame(session_id=sid, seq=seq,
+                                                        sample_rate=RATE, pcm=data))
+    sync_redis.xadd(keys.audio(sid), {FIELD: b"\xc1 not an event"})  # undecodable
+    # The device switches to 48 kHz mid-session, then says something.
+    data48 = pcm(resample(join(silence(0.5), speech(GO_FORWARD), silence(2.0)), RATE, 48000))
+    for i, offset in enumerate(range(0, len(data48), 2880)):
+        publish(sync_redis, keys.audio(sid), AudioFrame(session_id=sid, seq=10 + i,
+                                                        sample_rate=48000,
+                                                        pcm=data48[offset:offset + 2880]))
+    publish(sync_redis, keys.audio(sid), SessionEnded(session_id=sid))
+    turns = wait_for(lambda: final_turns(sync_redis, keys), what="the real turn")
+    assert turns[-1].rule in ("smart_turn", "smart_turn_probable", "silence_timeout")
+    [dead] = dead_letters(sync_redis, keys)
+    assert dead.stream == keys.audio(sid) and "undecodable" in dead.reason
+    assert proc.poll() is None
+
+
+def test_speech_during_an_agent_turn_cancels_it(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    workers.start_cli("vad")
+    sync_redis.set(keys.active_turn("s1"), "agent-turn-1")  # the agent is answering
+    stream_session(sync_redis, keys, "s1", join(silence(0.5), speech(GO_FORWARD), silence(2.0)))
+    cancels = wait_for(lambda: [e for e in read_all(sync_redis, keys.control())
+                                if isinstance(e, TurnCancelled)], what="barge-in cancel")
+    assert [(c.session_id, c.turn_id, c.reason) for c in cancels] == [
+        ("s1", "agent-turn-1", "barge-in")]
+    assert sync_redis.hget(keys.cancelled("s1"), "agent-turn-1") == b"barge-in"
+    # The new user turn becomes the live agent turn once it has ended.
+    [turn] = wait_for(lambda: final_turns(sync_redis, keys), what="turn")
+    wait_for(lambda: sync_redis.get(keys.active_turn("s1")) == turn.turn_id.encode(),
+             what="active turn")
+
+
+def test_noise_and_blips_produce_nothing(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    from tests.audio import blip, cough, noise_burst
+
+    keys = Keys(prefix)
+    workers.start_cli("vad")
+    sync_redis.set(keys.active_turn("s1"), "agent-turn-1")
+    audio = join(silence(1.0), noise_burst(0.5), silence(1.0), cough(), silence(1.0), blip(),
+                 silence(2.0))
+    stream_session(sync_redis, keys, "s1", audio)
+    wait_for(lambda: not sync_redis.exists(keys.audio("s1")) or
+             sync_redis.xlen(keys.audio("s1")) == 0 or
+             "session s1 ended" in workers.logs(), what="session processed")
+    assert final_turns(sync_redis, keys) == []
+    assert read_all(sync_redis, keys.out("s1")) == []
+    assert sync_redis.get(keys.active_turn("s1")) == b"agent-turn-1"  # no barge-in
