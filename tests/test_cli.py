@@ -40,13 +40,17 @@ def test_demo_runs_the_bus_end_to_end_on_a_machine_without_redis_url(tmp_path: P
     assert result.returncode == 0, result.stderr
     turns = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(turns) == 2
+    assert turns[0]["session_id"] == turns[1]["session_id"]  # one conversation
+    assert turns[0]["turn_id"] != turns[1]["turn_id"]
     for turn in turns:
         assert turn["answered"] and turn["turn_id"]
-        assert turn["transcript"] == "[placeholder ASR: 2.8 s of audio]"
+        assert turn["transcript"]
         assert turn["reply"].startswith("You said:")
         assert turn["audio_seconds"] > 0
+        assert turn["turn_rule"] == "smart_turn"
         lat = turn["latency_ms"]
-        assert 0 < lat["end_of_speech_to_transcript"] <= lat["end_of_speech_to_first_audio"]
+        assert 0 < lat["turn_detect"] < lat["end_of_speech_to_first_audio"] < 5000
+        assert {"asr", "llm_first_text", "tts_first_chunk"} <= set(lat)
     # Every worker process started and stopped cleanly, in its own process.
     for stage in ("vad", "asr", "llm", "tts"):
         assert f"{stage}-worker" in result.stderr and "stopped;" in result.stderr
