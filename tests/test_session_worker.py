@@ -155,3 +155,18 @@ def test_a_draining_owner_keeps_its_sessions_until_it_hands_them_back(
     logs = workers.logs()
     assert "taken over by a peer" not in logs and "took over" not in logs
     assert logs.count("handed session") == 2
+
+
+def test_sigterm_as_sessions_end_exits_promptly(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    """Regression: a stop racing the last session's release used to hang the worker
+    (a cancellation swallowed by asyncio.wait_for on Python 3.11)."""
+    keys = Keys(prefix)
+    for round_ in range(3):
+        proc = workers.start("echo-session", TEST_STAGE_DELAY="0.005")
+        sids = [f"r{round_}-{i}" for i in range(3)]
+        start_sessions(sync_redis, keys, sids)
+        send_frames(sync_redis, keys, sids, range(30), end=True)
+        wait_for(lambda s=sids: sync_redis.xlen(keys.out(s[0])) >= 25, what="most frames")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "stopped;" in workers.logs()

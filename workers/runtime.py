@@ -150,6 +150,23 @@ class Stopping(Exception):
     """Raised inside I/O retries when shutdown gives up on Redis."""
 
 
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait for ``event`` at most ``seconds``; True if it is set.
+
+    Not ``asyncio.wait_for(event.wait(), ...)``: on Python 3.11 that swallows a
+    cancellation arriving just as the event is set (gh-86296), which left a
+    worker's background task running forever at shutdown.
+    """
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=seconds)
+        return bool(done)
+    finally:
+        waiter.cancel()
+
+
 class Backoff:
     """Exponential back-off with full jitter; resets after a quiet period."""
 
@@ -264,6 +281,8 @@ class Worker:
                 return
             except asyncio.CancelledError:
                 raise
+            except Stopping:
+                return  # shutdown gave up on Redis: nothing left to do
             except IO_ERRORS as exc:
                 self._note_down(name, exc)
             except ResponseError as exc:
@@ -313,16 +332,14 @@ class Worker:
                 continue
             if self._give_up.is_set():
                 raise Stopping
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._give_up.wait(), backoff.next())
+            await wait_event(self._give_up, backoff.next())
 
     async def ensure_groups(self) -> None:
         """Create the consumer groups this worker reads (idempotent)."""
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when stopping."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+        await wait_event(self.stopping, seconds)
 
     # -- handling one entry ----------------------------------------------
     async def handle_entry(

@@ -24,7 +24,15 @@ from typing import Any, Protocol
 from schemas import Event, SchemaError, SessionEnded, SessionStarted, decode
 from workers.bus import FIELD, as_str, read_group
 from workers.logs import log_context
-from workers.runtime import IO_ERRORS, Context, Emit, RuntimeSettings, Stopping, Worker
+from workers.runtime import (
+    IO_ERRORS,
+    Context,
+    Emit,
+    RuntimeSettings,
+    Stopping,
+    Worker,
+    wait_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +151,7 @@ class SessionWorker(Worker):
                     streams[stream] = ">"
             if not streams:  # full and every session backlogged: wait for one to drain
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                await wait_event(self._wake, 1.0)
                 continue
             replies = await read_group(self.reader, self.group, self.consumer, streams,
                                        self.settings.read_count, self.settings.block_ms)
@@ -236,9 +243,10 @@ class SessionWorker(Worker):
                     if isinstance(event, SessionEnded):
                         owned.ended = True
                 await self._acks.ack(stream, done, emitted)
-                owned.busy = False
+                owned.busy = owned.ended  # an ended session stays busy until released
                 self._wake.set()
             await self._release(owned)
+            self._wake.set()
         except (asyncio.CancelledError, Stopping):
             pass
         except Exception:
@@ -309,11 +317,10 @@ class SessionWorker(Worker):
 
     # -- stopping ----------------------------------------------------------
     async def drain(self) -> None:
-        """Finish what was already read for each session."""
-        while any(o.busy or not o.queue.empty() for o in self._owned.values() if not o.ended):
+        """Finish what was already read for each session (ended ones: until released)."""
+        while any(o.busy or not o.queue.empty() for o in self._owned.values()):
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.1)
+            await wait_event(self._wake, 0.1)
 
     async def on_stopped(self) -> None:
         """Hand each live session back to the group at once, for a peer to adopt."""
