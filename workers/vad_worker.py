@@ -38,6 +38,7 @@ from workers.backends.silero import WINDOW, SileroModel
 from workers.backends.smart_turn import SmartTurnModel
 from workers.bus import as_str
 from workers.config import Config
+from workers.logs import log_context
 from workers.runtime import Context, Emit
 from workers.sessions import SessionStage
 from workers.turn_detection import (
@@ -143,10 +144,11 @@ class HybridVad:
         yield Emit(ctx.keys.out(self.session_id), _without_audio(turn))
         await ctx.bus.redis.set(ctx.keys.active_turn(self.session_id), self.turn_id,
                                 ex=ACTIVE_TURN_TTL_S)
-        log.info("turn %s ended by %s (p=%s) %d ms after the last speech; %.2f s of speech",
-                 self.turn_id, end.rule,
-                 "-" if end.probability is None else f"{end.probability:.2f}",
-                 end.delay_ms, (end.speech_end - end.start) / RATE)
+        with log_context(session_id=self.session_id, turn_id=self.turn_id):
+            log.info("turn %s ended by %s (p=%s) %d ms after the last speech; %.2f s of speech",
+                     self.turn_id, end.rule,
+                     "-" if end.probability is None else f"{end.probability:.2f}",
+                     end.delay_ms, (end.speech_end - end.start) / RATE)
         self.turn_id = None
 
     async def _barge_in(self, ctx: Context) -> None:
@@ -156,7 +158,8 @@ class HybridVad:
         if previous:
             turn = as_str(previous)
             await ctx.cancel.cancel(self.session_id, turn, "barge-in")
-            log.info("barge-in: cancelled agent turn %s", turn)
+            with log_context(session_id=self.session_id, turn_id=turn):
+                log.info("barge-in: cancelled agent turn %s", turn)
 
     async def close(self) -> None:
         self.reblock = Reblocker(WINDOW)
