@@ -260,11 +260,14 @@ def test_a_live_worker_keeps_its_long_job_and_a_frozen_one_loses_it(
     frozen, peer = (a, b) if str(a.pid) in holder["consumer"].decode() else (b, a)
     frozen.send_signal(signal.SIGSTOP)  # alive but not running: its lease runs out
     try:
-        out = wait_for(lambda: read_all(sync_redis, keys.out("s2")), timeout=15, what="peer")
+        wait_for(lambda: any(str(peer.pid) in p["consumer"].decode()
+                             for p in pending(sync_redis, queue, "asr")),
+                 timeout=15, what="the peer taking the job over")
     finally:
-        frozen.send_signal(signal.SIGCONT)
-    assert str(peer.pid) in out[0].text
+        frozen.send_signal(signal.SIGCONT)  # back mid-job: it must notice and give up
     wait_for(lambda: "lost the lease" in workers.logs(), timeout=10, what="frozen one noticing")
+    out = wait_for(lambda: read_all(sync_redis, keys.out("s2")), timeout=15, what="peer")
+    assert str(peer.pid) in out[0].text
     time.sleep(3.5)  # the frozen worker's handler would have finished by now
     assert len(read_all(sync_redis, keys.out("s2"))) == 1
     assert not pending(sync_redis, queue, "asr")

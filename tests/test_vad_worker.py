@@ -146,3 +146,12 @@ def test_noise_and_blips_produce_nothing(workers, prefix, sync_redis) -> None:  
     assert final_turns(sync_redis, keys) == []
     assert read_all(sync_redis, keys.out("s1")) == []
     assert sync_redis.get(keys.active_turn("s1")) == b"agent-turn-1"  # no barge-in
+
+
+def test_barge_in_can_be_turned_off(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    workers.start_cli("vad", VOICEBUS_VAD__BARGE_IN="false")
+    sync_redis.set(keys.active_turn("s1"), "agent-turn-1")
+    stream_session(sync_redis, keys, "s1", join(silence(0.5), speech(GO_FORWARD), silence(2.0)))
+    wait_for(lambda: final_turns(sync_redis, keys), what="turn")
+    assert not [e for e in read_all(sync_redis, keys.control()) if isinstance(e, TurnCancelled)]

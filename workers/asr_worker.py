@@ -1,28 +1,241 @@
-"""ASR stage (job). PLACEHOLDER until faster-whisper lands (issue 3).
+"""ASR stage (job): a finished turn's audio in, its final transcript out.
 
-``PlaceholderAsr`` transcribes nothing: it answers each turn with a transcript
-that says how much audio it got, marked so nobody mistakes it for speech.
+* ``TurnEnded`` (final) -> ``Transcript(final=True)`` on the session's out stream and
+  the LLM queue, with the turn's trace context.
+* Anything that goes wrong (bad or missing audio, nothing recognised, a model error)
+  -> ``Transcript(final=True, failed=True, error=...)`` on the same two streams, so
+  the LLM stage asks the user to say it again. A turn is never dropped silently.
+* ``TurnEnded(speculative=True)``, sent by the VAD at the first pause, is transcribed
+  at once and the result parked in Redis for a short while; nothing goes downstream.
+  When the final ``TurnEnded`` of that turn arrives with the same ``speech_end_ms``
+  (the user did not go on), it takes the parked result, or waits for the one still
+  being computed, instead of transcribing again: ASR leaves the critical path.
+
+The model is loaded once per process, in ``build``. Transcription runs in a thread so
+the event loop keeps renewing leases; it is raced against the turn's cancellation.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from redis.exceptions import RedisError
 
 from schemas import Event, Transcript, TurnEnded
+from workers.backends.asr import AsrInputError, AsrResult, Recognizer, load_recognizer
+from workers.config import Config
 from workers.runtime import Context, Emit, JobStage
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-async def placeholder_asr(event: Event, ctx: Context) -> AsyncIterator[Emit]:
-    if not isinstance(event, TurnEnded):
-        return
-    seconds = len(event.audio) / 2 / event.sample_rate
-    transcript = Transcript(
-        session_id=event.session_id, turn_id=event.turn_id, final=True,
-        text=f"[placeholder ASR: {seconds:.1f} s of audio]", traceparent=event.traceparent)
-    yield Emit(ctx.keys.out(event.session_id), transcript)
-    yield Emit(ctx.keys.queue("llm"), transcript)
+PENDING = b"pending"  # a speculative-cache value while its transcription runs
+LEASE_MS = 3_000  # the pending marker expires this long after its owner stops renewing it
+POLL_S = 0.01  # how often a final turn looks for a result another worker is computing
+WAIT_LIMIT_S = 120.0  # a final turn never waits longer than this for a pending result
+NOTHING_HEARD = "no speech recognised"
 
 
-def build(config: Any) -> JobStage:
-    return JobStage("asr", placeholder_asr)
+def speculative_key(prefix: str, session_id: str, turn_id: str, speech_end_ms: int) -> str:
+    """Where a turn's transcript is parked between its speculative and final TurnEnded.
+
+    Built here, not in ``workers.keys``, because only this stage reads or writes it.
+    It follows the same rules as every key there: the deployment's prefix first, and
+    the ``{session_id}`` hash tag so it lives in the session's Redis Cluster slot. The
+    speech end is part of the key: if the user went on, the final turn's audio differs
+    and must not reuse the guess.
+    """
+    return f"{prefix}:{{{session_id}}}:asr:{turn_id}:{speech_end_ms}"
+
+
+class AsrStage:
+    """The handler, holding the loaded recognizer."""
+
+    def __init__(self, recognizer: Recognizer, speculative_ttl_s: int = 30) -> None:
+        self.recognizer = recognizer
+        self.ttl_s = speculative_ttl_s
+
+    async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
+        if not isinstance(event, TurnEnded):
+            return
+        if event.speculative:
+            await self._speculate(event, ctx)
+            return
+        transcript = await self._final(event, ctx)
+        if transcript is None or ctx.cancelled():
+            log.info("turn cancelled during ASR; no transcript")
+            return
+        yield Emit(ctx.keys.out(event.session_id), transcript)
+        yield Emit(ctx.keys.queue("llm"), transcript)
+
+    # -- final turns ---------------------------------------------------------
+    async def _final(self, event: TurnEnded, ctx: Context) -> Transcript | None:
+        key = speculative_key(ctx.keys.prefix, event.session_id, event.turn_id,
+                              event.speech_end_ms)
+        claimed = False
+        try:
+            waiting_since = time.perf_counter()
+            claimed, result = await self._claim_or_wait(key, ctx)
+            if ctx.cancelled():
+                return None
+            if result is not None:
+                waited = time.perf_counter() - waiting_since
+                log.info("final turn: used the speculative transcript (ASR took %.0f ms, "
+                         "waited %.0f ms for it)", result.elapsed_s * 1000, waited * 1000)
+            else:
+                result = await self._transcribe(event, ctx, key if claimed else None, "final")
+                if result is None:
+                    return None
+                await self._park(key, result, ctx)  # a redelivery of this turn reuses it
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if claimed:
+                await _best_effort(ctx.bus.redis.delete(key))
+            reason = (f"bad audio: {exc}" if isinstance(exc, AsrInputError)
+                      else f"ASR failed: {type(exc).__name__}: {exc}")
+            log.warning("transcription failed: %s", reason)
+            return self._transcript(event, failed=reason)
+        if not result.text:
+            return self._transcript(event, failed=NOTHING_HEARD, language=result.language)
+        return self._transcript(event, text=result.text, language=result.language)
+
+    async def _claim_or_wait(self, key: str, ctx: Context) -> tuple[bool, AsrResult | None]:
+        """Claim the turn's transcription, or take the speculative result for it.
+
+        Returns (claimed, result): (True, None) when this worker is to transcribe; (False,
+        result) with the parked result; (False, None) to transcribe without the cache
+        (Redis trouble, an unreadable value, or a wait that went on too long). Claiming
+        first means a speculative guess that arrives after the final is not computed.
+        """
+        redis = ctx.bus.redis
+        deadline = time.monotonic() + WAIT_LIMIT_S
+        try:
+            while True:
+                if await redis.set(key, PENDING, nx=True, px=LEASE_MS):
+                    return True, None
+                value = await redis.get(key)
+                if value is None:
+                    continue  # it just expired or its transcription failed: claim it
+                if value != PENDING:
+                    return False, _decode(value)
+                if time.monotonic() > deadline or ctx.cancelled():
+                    return False, None
+                await asyncio.sleep(POLL_S)
+        except (RedisError, OSError) as exc:
+            log.warning("speculative cache unavailable (%s: %s); transcribing without it",
+                        type(exc).__name__, exc)
+            return False, None
+
+    @staticmethod
+    def _transcript(event: TurnEnded, *, text: str = "", language: str = "",
+                    failed: str = "") -> Transcript:
+        return Transcript(
+            session_id=event.session_id, turn_id=event.turn_id, final=True,
+            text=text[:16_384], language=language[:16], failed=bool(failed),
+            error=failed[:1_024], traceparent=event.traceparent, tracestate=event.tracestate)
+
+    # -- speculative turns ---------------------------------------------------
+    async def _speculate(self, event: TurnEnded, ctx: Context) -> None:
+        key = speculative_key(ctx.keys.prefix, event.session_id, event.turn_id,
+                              event.speech_end_ms)
+        if not await _best_effort(ctx.bus.redis.set(key, PENDING, nx=True, px=LEASE_MS)):
+            return  # already done or under way (a duplicate, or the final got here first)
+        try:
+            result = await self._transcribe(event, ctx, key, "speculative")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the final turn will try again and report the failure
+            log.info("speculative transcription failed (%s: %s)", type(exc).__name__, exc)
+            result = None
+        if result is None:
+            await _best_effort(ctx.bus.redis.delete(key))
+        else:
+            await self._park(key, result, ctx)
+
+    async def _park(self, key: str, result: AsrResult, ctx: Context) -> None:
+        value = json.dumps(dataclasses.asdict(result)).encode()
+        await _best_effort(ctx.bus.redis.set(key, value, ex=self.ttl_s))
+
+    # -- transcription -------------------------------------------------------
+    async def _transcribe(self, event: TurnEnded, ctx: Context, lease_key: str | None,
+                          kind: str) -> AsrResult | None:
+        """Transcribe the turn's audio in a thread; None if the turn was cancelled first.
+
+        While it runs, the pending marker at ``lease_key`` is kept alive, so a final turn
+        waiting for it knows the work is still under way (and stops waiting if we die).
+        """
+        audio = event.audio
+        if not audio and event.audio_ref:
+            ref = await ctx.bus.redis.get(event.audio_ref)
+            if not isinstance(ref, bytes):
+                raise AsrInputError(f"audio_ref {event.audio_ref!r} does not exist (expired?)")
+            audio = ref
+        job = asyncio.ensure_future(
+            asyncio.to_thread(self.recognizer.transcribe, audio, event.sample_rate))
+        cancelled = asyncio.ensure_future(ctx.cancel_event().wait())
+        lease = asyncio.ensure_future(_keep_pending(ctx, lease_key)) if lease_key else None
+        try:
+            await asyncio.wait({job, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+            if lease is not None:
+                lease.cancel()
+            if not job.done():  # the turn was cancelled (or we were): the thread runs
+                job.add_done_callback(_discard)  # to its end on its own; nobody waits
+        if not job.done():
+            return None
+        result = job.result()
+        log.info("transcribed %.1f s of audio in %.0f ms on %s (%s)", result.duration_s,
+                 result.elapsed_s * 1000, result.device, kind)
+        log.debug("transcript: %r", result.text)
+        return result
+
+
+async def _keep_pending(ctx: Context, key: str) -> None:
+    while True:
+        await asyncio.sleep(LEASE_MS / 3000)
+        await _best_effort(ctx.bus.redis.pexpire(key, LEASE_MS))
+
+
+async def _best_effort(op: Awaitable[T]) -> T | None:
+    """A cache operation: the turn does not depend on it, so a Redis error is logged
+    and the turn goes on as if the cache were empty (it is transcribed here)."""
+    try:
+        return await op
+    except (RedisError, OSError) as exc:
+        log.warning("speculative cache unavailable (%s: %s); carrying on without it",
+                    type(exc).__name__, exc)
+        return None
+
+
+def _discard(task: asyncio.Future[AsrResult]) -> None:
+    with contextlib.suppress(BaseException):
+        task.result()
+
+
+def _decode(value: bytes | str) -> AsrResult | None:
+    try:
+        return AsrResult(**json.loads(value))
+    except (ValueError, TypeError):
+        log.warning("ignoring an unreadable speculative transcript")
+        return None
+
+
+def build(config: Config) -> JobStage:
+    """Load the model (once per process) and return the stage."""
+    started = time.perf_counter()
+    recognizer = load_recognizer(config.asr)
+    # Warm up: the first call allocates buffers and is markedly slower.
+    recognizer.transcribe(b"\0\0" * 8_000, 16_000)
+    log.info("ASR ready in %.2f s (model %s, %s, beam %d)", time.perf_counter() - started,
+             config.asr.model, config.asr.compute_type, config.asr.beam_size)
+    return JobStage("asr", AsrStage(recognizer, config.asr.speculative_ttl_s).handle,
+                    concurrency=config.asr.concurrency)

@@ -115,6 +115,8 @@ class VadConfig(_Section):
     # Send the turn's audio to ASR at the first pause, so a turn the silence timeout
     # ends later already has its transcript.
     speculative_asr: bool = True
+    # Speech while an agent turn is being prepared or played cancels that turn.
+    barge_in: bool = True
     smart_turn: SmartTurnConfig = Field(default_factory=SmartTurnConfig)
     fallback: VadFallbackConfig = Field(default_factory=VadFallbackConfig)
     quality_gating: QualityGatingConfig = Field(default_factory=QualityGatingConfig)
@@ -129,6 +131,11 @@ class AsrConfig(_Section):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     cpu_threads: NonNegativeInt = 2  # 0 lets CTranslate2 pick
     language: str | None = "en"  # None: detect per utterance (slower)
+    allow_download: bool = False  # may fetch hub models (faster-whisper's downloader)
+    speculative_ttl_s: PositiveInt = 30  # how long a speculative transcript waits for its turn
+    # Utterances transcribed at once per process: one model replica does one at a
+    # time, so more would only queue inside the process while peer workers idle.
+    concurrency: PositiveInt = 1
 
 
 class LlmConfig(_Section):

@@ -139,6 +139,9 @@ class JobStage:
 
     name: str
     handle: Handler
+    # Jobs at once in one process; None: ``worker.concurrency``. A model that runs one
+    # inference at a time (ASR) wants 1, and more processes to scale.
+    concurrency: int | None = None
 
 
 # What became of an entry: "acked" (dead-lettered, already acked), "emitted" (handled
@@ -473,7 +476,7 @@ class JobWorker(Worker):
 
     @property
     def free(self) -> int:
-        return self.settings.concurrency - len(self._in_flight)
+        return (self.stage.concurrency or self.settings.concurrency) - len(self._in_flight)
 
     async def _read_loop(self) -> None:
         await self.ensure_groups()

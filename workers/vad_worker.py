@@ -88,6 +88,7 @@ class HybridVad:
         self.reblock = Reblocker(WINDOW)
         self.detector = TurnDetector(config.vad, models.silero.stream())
         self.turn_id: str | None = None
+        self.barge_in = config.vad.barge_in
 
     async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
         if isinstance(event, AudioFrame):
@@ -109,7 +110,8 @@ class HybridVad:
         sid, out = self.session_id, ctx.keys.out(self.session_id)
         if isinstance(action, SpeechStart):
             self.turn_id = uuid.uuid4().hex[:16]
-            await self._barge_in(ctx)
+            if self.barge_in:
+                await self._barge_in(ctx)
             yield Emit(out, SpeechStarted(session_id=sid, turn_id=self.turn_id,
                                           audio_ms=_ms(action.at),
                                           traceparent=cause.traceparent))
