@@ -3,7 +3,8 @@
     python bench/vad_latency.py [--reps 3] [--out bench/results/vad_latency.json]
 
 1. Silero cost per 32 ms window, the detector's whole cost per window, Smart
-   Turn feature extraction and inference per call (in this process, one thread).
+   Turn feature extraction and inference per call (in this process; Smart Turn
+   with the configured number of threads).
 2. A real ``voicebus worker vad`` process on a private Redis; the sample WAVs are
    streamed in real time as concurrent sessions (each WAV once per rep, followed
    by 2 s of silence). For every turn: the wall time from the end of speech
@@ -69,7 +70,7 @@ def model_costs() -> dict[str, dict[str, float]]:
             t = time.perf_counter()
             detector.push(w)
             detector_us.append((time.perf_counter() - t) * 1e6)
-    smart = SmartTurnModel()
+    smart = SmartTurnModel(threads=Config().vad.smart_turn.threads)
     clip = audio[-8 * 16000:]
     features_ms, inference_ms = [], []
     smart.probability(clip)  # warm-up
@@ -133,7 +134,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/vad_latency.json")
     args = parser.parse_args()
     costs = model_costs()
-    print("model costs (one thread):")
+    print(f"model costs (Silero 1 thread, Smart Turn {Config().vad.smart_turn.threads}):")
     for name, s in costs.items():
         print(f"  {name:<26} p50 {s['p50']:>9.3f}  p95 {s['p95']:>9.3f}  (n={s['n']})")
 

@@ -59,7 +59,7 @@ class SmartTurnConfig(_Section):
     confidence_threshold: Probability = 0.7
     trigger_silence: PositiveFloat = 0.2  # the model only runs after this much silence
     max_audio: Annotated[float, Field(gt=0, le=8.0)] = 8.0  # trained on windows of <= 8 s
-    threads: PositiveInt = 1  # onnxruntime threads per inference
+    threads: PositiveInt = 2  # onnxruntime threads per inference (it is on the critical path)
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
