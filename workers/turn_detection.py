@@ -19,6 +19,10 @@ Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
   2. otherwise the silence timeout ends it (``silence_timeout``);
   3. a turn longer than ``max_turn_duration`` is cut (``max_duration``).
 
+At each pause with enough speech it also emits a *speculative* ``TurnEnd``
+(before asking Smart Turn), so ASR can start on the audio the turn will most
+likely end with.
+
 The detector does no I/O: it returns ``Action``s, and asks for a Smart Turn
 judgement with ``NeedsTurnCheck``; the caller runs the model (off the event
 loop) and hands the probability back with ``judged``.
@@ -66,7 +70,7 @@ class TurnEnd:
     rule: str
     probability: float | None
     audio: np.ndarray  # the utterance, with a little audio before and after
-    speculative: bool = False  # a guess at the first pause; the turn may go on
+    speculative: bool = False  # a guess at a pause, for ASR to start on; the turn may go on
 
     @property
     def delay_ms(self) -> int:
@@ -138,8 +142,7 @@ class TurnDetector:
             return [self._end("smart_turn")]
         if probability >= cfg.threshold and self.silence_timeout is not None:
             self._end_at = max(self.trigger, self.silence_timeout // 2)
-        # Not over yet by the model's word: let ASR start on the turn as it stands.
-        return [self._guess()] if self._speculating else []
+        return []
 
     def flush(self) -> list[Action]:
         """The stream ended: a turn in progress ends now."""
@@ -203,10 +206,13 @@ class TurnDetector:
         if silence >= self.trigger and not self._checked_pause:
             self._checked_pause = True
             actions.append(SpeechStop(self.last_speech_end))
-            if self.use_model and self.speech >= self.min_model_speech:
-                actions.append(NeedsTurnCheck(self._recent(self.max_model_audio)))
-            elif self._speculating and self.speech >= self.min_model_speech:
-                actions.append(self._guess())
+            if self.speech >= self.min_model_speech:
+                # ASR starts on the turn as it stands *before* Smart Turn judges it: if
+                # the turn is over, the final TurnEnded finds its transcript under way.
+                if self._speculating:
+                    actions.append(self._guess())
+                if self.use_model:
+                    actions.append(NeedsTurnCheck(self._recent(self.max_model_audio)))
             return actions
         if self._end_at is not None and silence >= self._end_at:
             return [self._end("smart_turn_probable")]
@@ -216,8 +222,7 @@ class TurnDetector:
 
     @property
     def _speculating(self) -> bool:
-        # Only worth it when a later timeout will end the turn on this same audio.
-        return self.cfg.speculative_asr and self.silence_timeout is not None
+        return self.cfg.speculative_asr
 
     # -- turn audio --------------------------------------------------------
     def _keep(self, window: np.ndarray, start: int) -> None:
