@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import logging
 import os
 import shutil
@@ -31,6 +30,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from workers.backends.assets import packaged_file
 
 log = logging.getLogger(__name__)
 
@@ -226,18 +227,8 @@ def _hub(name: str, allow_download: bool, tried: list[str]) -> ResolvedModel | N
 
 # -- helpers ------------------------------------------------------------------
 def packaged_path(spec: PackagedFile) -> Path:
-    """A file inside an installed distribution, found without importing the package."""
-    try:
-        files = importlib.metadata.files(spec.distribution) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"{spec.distribution} is not installed") from None
-    for file in files:
-        if str(file) == spec.relative:
-            path = Path(str(file.locate()))
-            if path.is_file():
-                return path
-            raise FileNotFoundError(f"{path} is listed by {spec.distribution} but missing")
-    raise FileNotFoundError(f"{spec.relative} is not in the installed {spec.distribution}")
+    """A file inside an installed distribution (FileNotFoundError if it is not there)."""
+    return packaged_file(spec.distribution, spec.relative)
 
 
 def missing_files(directory: Path) -> str:
