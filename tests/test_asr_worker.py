@@ -25,7 +25,7 @@ from schemas import Transcript, TurnEnded
 from tests.busutil import cancel_turn, dead_letters, pending, publish, read_all
 from tests.conftest import ROOT, wait_for
 from tests.test_asr import MAX_WER, long_utterance, manifest, read_pcm, resampled, wer, words
-from workers.asr_worker import NOTHING_HEARD, speculative_key
+from workers.asr_worker import NOTHING_HEARD
 from workers.keys import Keys
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -160,7 +160,7 @@ def test_speculative_then_final_transcribes_once(asr: AsrWorker,
                                                  sync_redis: redis.Redis) -> None:
     s, queue = "spec", asr.keys.queue("asr")
     pcm = read_pcm("cmu_arctic_slt_a0009.wav")
-    key = speculative_key(asr.keys.prefix, s, "later", 2880)
+    key = asr.keys.asr_result(s, "later", 2880)
 
     # 1. The final comes after the speculative result is parked: it is reused.
     publish(sync_redis, queue, turn_ended(s, "later", pcm, speculative=True, end_ms=2880))

@@ -43,18 +43,6 @@ WAIT_LIMIT_S = 120.0  # a final turn never waits longer than this for a pending 
 NOTHING_HEARD = "no speech recognised"
 
 
-def speculative_key(prefix: str, session_id: str, turn_id: str, speech_end_ms: int) -> str:
-    """Where a turn's transcript is parked between its speculative and final TurnEnded.
-
-    Built here, not in ``workers.keys``, because only this stage reads or writes it.
-    It follows the same rules as every key there: the deployment's prefix first, and
-    the ``{session_id}`` hash tag so it lives in the session's Redis Cluster slot. The
-    speech end is part of the key: if the user went on, the final turn's audio differs
-    and must not reuse the guess.
-    """
-    return f"{prefix}:{{{session_id}}}:asr:{turn_id}:{speech_end_ms}"
-
-
 class AsrStage:
     """The handler, holding the loaded recognizer."""
 
@@ -77,8 +65,7 @@ class AsrStage:
 
     # -- final turns ---------------------------------------------------------
     async def _final(self, event: TurnEnded, ctx: Context) -> Transcript | None:
-        key = speculative_key(ctx.keys.prefix, event.session_id, event.turn_id,
-                              event.speech_end_ms)
+        key = ctx.keys.asr_result(event.session_id, event.turn_id, event.speech_end_ms)
         claimed = False
         try:
             waiting_since = time.perf_counter()
@@ -144,8 +131,7 @@ class AsrStage:
 
     # -- speculative turns ---------------------------------------------------
     async def _speculate(self, event: TurnEnded, ctx: Context) -> None:
-        key = speculative_key(ctx.keys.prefix, event.session_id, event.turn_id,
-                              event.speech_end_ms)
+        key = ctx.keys.asr_result(event.session_id, event.turn_id, event.speech_end_ms)
         if not await _best_effort(ctx.bus.redis.set(key, PENDING, nx=True, px=LEASE_MS)):
             return  # already done or under way (a duplicate, or the final got here first)
         try:

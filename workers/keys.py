@@ -54,6 +54,11 @@ class Keys:
         deletes it when the last audio of the turn has been played."""
         return f"{self.prefix}:{{{session_id}}}:active_turn"
 
+    def asr_result(self, session_id: str, turn_id: str, speech_end_ms: int) -> str:
+        """A transcript parked between a turn's speculative and final TurnEnded. The
+        speech end is part of it: if the user went on, the final audio differs."""
+        return f"{self.prefix}:{{{session_id}}}:asr:{turn_id}:{speech_end_ms}"
+
     def dedup(self, stream: str, group: str, entry_id: str) -> str:
         """Which outputs of one input entry were already written (see runtime)."""
         return f"{stream}:dedup:{group}:{entry_id}"
