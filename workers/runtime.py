@@ -473,6 +473,8 @@ class JobWorker(Worker):
 
     async def ensure_groups(self) -> None:
         await self.bus.ensure_group(self.queue, self.group)
+        # Visible to `voicebus status` at once, not only after its first job.
+        await self.redis.xgroup_createconsumer(self.queue, self.group, self.consumer)
 
     @property
     def free(self) -> int:

@@ -132,6 +132,7 @@ class SessionWorker(Worker):
 
     async def ensure_groups(self) -> None:
         await self.bus.ensure_group(self.announcements, self.group)
+        await self.redis.xgroup_createconsumer(self.announcements, self.group, self.consumer)
         for owned in list(self._owned.values()):
             await self.bus.ensure_group(owned.stream, self.group)
 
