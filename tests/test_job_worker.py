@@ -22,7 +22,11 @@ def turn(session: str, turn_id: str, rule: str = "", size: int = 320) -> TurnEnd
 
 def test_handles_jobs_and_acks_them(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
     keys = Keys(prefix)
-    workers.start("slow-asr")
+    proc = workers.start("slow-asr")
+    # Registered at start, so an operator sees it before its first job.
+    wait_for(lambda: any(str(proc.pid) in c["name"].decode() for c in
+                         sync_redis.xinfo_consumers(keys.queue("asr"), "asr")),
+             what="consumer registered")
     for i in range(10):
         publish(sync_redis, keys.queue("asr"), turn("s1", f"t{i}"))
     out = wait_for(lambda: (e := read_all(sync_redis, keys.out("s1"))) and len(e) == 10 and e,
