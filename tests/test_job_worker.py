@@ -24,9 +24,14 @@ def test_handles_jobs_and_acks_them(workers, prefix, sync_redis) -> None:  # typ
     keys = Keys(prefix)
     proc = workers.start("slow-asr")
     # Registered at start, so an operator sees it before its first job.
-    wait_for(lambda: any(str(proc.pid) in c["name"].decode() for c in
-                         sync_redis.xinfo_consumers(keys.queue("asr"), "asr")),
-             what="consumer registered")
+    def registered() -> bool:
+        try:
+            consumers = sync_redis.xinfo_consumers(keys.queue("asr"), "asr")
+        except redis.ResponseError:  # the group is not there yet
+            return False
+        return any(str(proc.pid) in c["name"].decode() for c in consumers)
+
+    wait_for(registered, what="consumer registered")
     for i in range(10):
         publish(sync_redis, keys.queue("asr"), turn("s1", f"t{i}"))
     out = wait_for(lambda: (e := read_all(sync_redis, keys.out("s1"))) and len(e) == 10 and e,
