@@ -1,26 +1,280 @@
-"""LLM stage (job). PLACEHOLDER until the streaming LLM worker lands (issue 4).
+"""LLM stage (job): a final transcript in, the spoken reply out as streamed text chunks.
 
-``echo_llm`` answers every final transcript by repeating it, as one text chunk.
+* ``Transcript(final=True)`` -> the reply, asked of a streaming chat backend
+  (``workers.backends.llm``: an OpenAI-compatible endpoint at ``llm.base_url``; when
+  that is unset, ``EchoLlm`` repeats the user, with a warning at start). Non-final
+  transcripts are ignored. A failed or empty transcript -> ``SAY_AGAIN``.
+* The prompt is the system prompt (``llm.system_prompt``), then ``history`` (the
+  conversation so far: empty until Redis memory lands, see ``build_messages``), then
+  the user's words.
+* Tokens go through ``workers.chunking.Chunker`` (``llm.chunking``: sentences, or a
+  first chunk of ``word_chunk_min``..``word_chunk_max`` words); every chunk is emitted
+  the moment it exists as ``TextChunk(seq=n, last=False)`` to the TTS queue and the
+  session's out stream, with the turn's trace context.
+* **End of reply**: the chunks left at the end of the stream go out with the final
+  one marked ``last=True``. If nothing is left (the reply ended exactly on an emitted
+  chunk, or a stream broke off with nothing buffered) an *empty-text* chunk with
+  ``last=True`` ends the reply: chunks are never held back to learn which is last,
+  as that would delay every sentence by the next one. TTS and the gateway treat an
+  empty last chunk as "the reply ended".
+* **Failures** (never silence): no first token within ``llm.timeout`` -> the apology
+  (``llm.apology``) is the reply (seq 0, last). An HTTP error or a stream that broke
+  off *before anything was emitted* -> the request is retried once (with a fresh
+  ``llm.timeout`` for its first token), then the apology. A stream that breaks off or
+  stalls for ``llm.timeout`` *after* chunks were emitted -> what was spoken stays,
+  nothing is repeated or apologised mid-sentence: the text still buffered (a partial
+  sentence the model did produce) goes out as the last chunk, and a warning is
+  logged. A first-token timeout is not retried: the user has waited long enough.
+* **Cancellation**: every wait for a token is raced against the turn's cancel event;
+  on cancel the stream is closed at once (the server stops generating) and nothing
+  more is emitted.
+* **Metrics**: one log line per turn with time-to-first-token, tokens (deltas) and
+  tokens/s, chunks and how it ended.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from schemas import Event, TextChunk, Transcript
+from workers.backends.llm import ChatBackend, ChatMessage, LlmError, LlmTimeout, load_backend
+from workers.chunking import Chunker
+from workers.config import Config, LlmConfig
 from workers.runtime import Context, Emit, JobStage
 
+log = logging.getLogger(__name__)
 
-async def echo_llm(event: Event, ctx: Context) -> AsyncIterator[Emit]:
-    if not isinstance(event, Transcript) or not event.final:
-        return
-    text = "Sorry, could you say that again?" if event.failed else f"You said: {event.text}"
-    chunk = TextChunk(session_id=event.session_id, turn_id=event.turn_id, seq=0, text=text,
-                      last=True, traceparent=event.traceparent)
-    yield Emit(ctx.keys.out(event.session_id), chunk)
+SAY_AGAIN = "Sorry, could you say that again?"
+RETRY_PAUSE_S = 0.05  # before the one retry of a request that failed before any token
+
+
+def build_messages(system_prompt: str, text: str,
+                   history: Sequence[ChatMessage] = ()) -> list[ChatMessage]:
+    """The prompt: system prompt, the conversation so far, the user's words.
+
+    ``history`` is the seam for Redis memory (issue 4): today it is always empty.
+    """
+    messages: list[ChatMessage] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.extend(history)
+    messages.append({"role": "user", "content": text})
+    return messages
+
+
+class _Cancelled(Exception):
+    """The turn was cancelled while waiting for a token."""
+
+
+class _Stalled(Exception):
+    """No token within the allowed time."""
+
+
+_END = object()
+
+
+@dataclass
+class _Turn:
+    """What happened in one turn: for the metrics line and the decisions."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    last_token: float | None = None
+    tokens: int = 0
+    chunks: int = 0  # TextChunks emitted (the seq of the next one)
+    attempts: int = 0
+    got_token: bool = False  # this attempt has had a token
+
+    def metrics(self, outcome: str) -> str:
+        if self.first_token is None:
+            return (f"ttft - ms, 0 tokens, {self.chunks} chunks, {self.attempts} attempt(s): "
+                    f"{outcome}")
+        ttft = (self.first_token - self.started) * 1000
+        span = (self.last_token or self.first_token) - self.first_token
+        rate = f"{(self.tokens - 1) / span:.1f}" if span > 0 and self.tokens > 1 else "-"
+        return (f"ttft {ttft:.0f} ms, {self.tokens} tokens in {span:.2f} s ({rate} tokens/s), "
+                f"{self.chunks} chunks, {self.attempts} attempt(s): {outcome}")
+
+
+class _TokenWaiter:
+    """Reads one backend stream, each wait raced against a deadline and the cancel event."""
+
+    def __init__(self, stream: AsyncIterator[str], cancelled: asyncio.Future[Any]) -> None:
+        self.stream = stream
+        self.cancelled = cancelled
+        self._pending: asyncio.Future[str] | None = None
+        self._closed = False
+
+    async def next(self, seconds: float) -> object:
+        """The next delta, or ``_END``; raises _Cancelled, _Stalled or the backend's error."""
+        if self.cancelled.done():
+            raise _Cancelled
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(anext(self.stream))
+        pending = self._pending
+        both: set[asyncio.Future[Any]] = {pending, self.cancelled}
+        await asyncio.wait(both, timeout=max(seconds, 0.0),
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not pending.done():
+            if self.cancelled.done():
+                raise _Cancelled
+            raise _Stalled
+        self._pending = None
+        try:
+            return pending.result()
+        except StopAsyncIteration:
+            return _END
+
+    async def close(self) -> None:
+        """Close the stream (and its HTTP response) now, whatever state it is in."""
+        if self._closed:
+            return
+        self._closed = True
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.done():
+            pending.cancel()  # the generator's finally closes the response
+            await asyncio.wait({pending})
+        if pending is not None and pending.done() and not pending.cancelled():
+            pending.exception()  # retrieved: no "exception never retrieved" warning
+        aclose = getattr(self.stream, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except (RuntimeError, LlmError):  # closing a generator that already failed
+                pass
+
+
+class LlmStage:
+    def __init__(self, backend: ChatBackend, config: LlmConfig) -> None:
+        self.backend = backend
+        self.config = config
+
+    def chunker(self) -> Chunker:
+        return Chunker(self.config.chunking, first_words_min=self.config.word_chunk_min,
+                       first_words_max=self.config.word_chunk_max)
+
+    async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
+        if not isinstance(event, Transcript) or not event.final:
+            return
+        if event.failed or not event.text.strip():
+            log.info("transcript %s: asking the user to say it again",
+                     "failed" if event.failed else "empty")
+            for emit in _chunk(ctx, event, 0, SAY_AGAIN, last=True):
+                yield emit
+            return
+        async for emit in self._reply(event, ctx, build_messages(self.config.system_prompt,
+                                                                 event.text)):
+            yield emit
+
+    async def _reply(self, event: Transcript, ctx: Context,
+                     messages: list[ChatMessage]) -> AsyncIterator[Emit]:
+        turn = _Turn()
+        cancel_event = ctx.cancel_event()
+        cancelled = asyncio.ensure_future(cancel_event.wait())
+        cfg = self.config
+        waiter: _TokenWaiter | None = None
+        try:
+            while True:
+                turn.attempts += 1
+                chunker = self.chunker()
+                waiter = _TokenWaiter(self.backend.stream(
+                    messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature), cancelled)
+                deadline = time.perf_counter() + cfg.timeout  # for this attempt's first token
+                failure: str | None = None
+                try:
+                    while True:
+                        wait = (cfg.timeout if turn.got_token
+                                else deadline - time.perf_counter())
+                        token = await waiter.next(wait)
+                        if token is _END:
+                            break
+                        assert isinstance(token, str)
+                        now = time.perf_counter()
+                        if turn.first_token is None:
+                            turn.first_token = now
+                        turn.got_token = True
+                        turn.last_token = now
+                        turn.tokens += 1
+                        for text in chunker.push(token):
+                            if ctx.cancelled():
+                                raise _Cancelled
+                            for emit in _chunk(ctx, event, turn.chunks, text, last=False):
+                                yield emit
+                            turn.chunks += 1
+                        if ctx.cancelled():
+                            raise _Cancelled
+                except _Cancelled:
+                    await waiter.close()
+                    log.info("llm turn cancelled; stream closed. %s", turn.metrics("cancelled"))
+                    return
+                except _Stalled:
+                    failure = (f"no token for {cfg.timeout:.1f} s" if turn.got_token
+                               else f"no first token within {cfg.timeout:.1f} s")
+                    timed_out = not turn.got_token
+                except LlmTimeout as exc:  # the client's own timeout said the same
+                    failure, timed_out = str(exc), not turn.got_token
+                except Exception as exc:  # LlmError, or anything a backend let through
+                    if not isinstance(exc, LlmError):
+                        log.warning("llm backend raised %r", exc, exc_info=True)
+                    failure, timed_out = f"{type(exc).__name__}: {exc}", False
+                await waiter.close()
+                if failure is None:  # the stream ended normally
+                    for emit in self._finish(ctx, event, turn, chunker.flush()):
+                        yield emit
+                    log.info("llm turn done: %s", turn.metrics("ok"))
+                    return
+                if turn.chunks:  # something was spoken: keep it, repeat nothing
+                    spoken = turn.chunks
+                    for emit in self._finish(ctx, event, turn, chunker.flush()):
+                        yield emit
+                    log.warning("llm stream broke off after %d chunks (%s); ending the reply "
+                                "with what was received. %s", spoken, failure,
+                                turn.metrics("broken"))
+                    return
+                if ctx.cancelled():
+                    log.info("llm turn cancelled; stream closed. %s", turn.metrics("cancelled"))
+                    return
+                if timed_out or turn.attempts >= 2:
+                    log.warning("llm failed (%s); speaking the apology. %s", failure,
+                                turn.metrics("apology"))
+                    for emit in _chunk(ctx, event, 0, cfg.apology, last=True):
+                        yield emit
+                    turn.chunks += 1
+                    return
+                log.warning("llm failed before anything was spoken (%s); retrying once", failure)
+                turn.got_token = False
+                await asyncio.sleep(RETRY_PAUSE_S)
+                if ctx.cancelled():
+                    return
+        finally:  # also when the runtime abandons the entry (lease lost, shutdown)
+            cancelled.cancel()
+            if waiter is not None:
+                await waiter.close()
+
+    @staticmethod
+    def _finish(ctx: Context, event: Transcript, turn: _Turn, rest: list[str]) -> Iterator[Emit]:
+        """The chunks left at the end, the final one ``last``; an empty last chunk if none."""
+        if ctx.cancelled():
+            return
+        for i, text in enumerate(rest or [""]):
+            yield from _chunk(ctx, event, turn.chunks, text, last=i == max(len(rest), 1) - 1)
+            turn.chunks += 1
+
+
+def _chunk(ctx: Context, event: Transcript, seq: int, text: str, *, last: bool) -> Iterator[Emit]:
+    chunk = TextChunk(session_id=event.session_id, turn_id=event.turn_id, seq=seq, text=text,
+                      last=last, traceparent=event.traceparent, tracestate=event.tracestate)
     yield Emit(ctx.keys.queue("tts"), chunk)
+    yield Emit(ctx.keys.out(event.session_id), chunk)
 
 
-def build(config: Any) -> JobStage:
-    return JobStage("llm", echo_llm)
+def build(config: Config) -> JobStage:
+    backend = load_backend(config.llm)
+    log.info("LLM stage ready: %s, %s chunking, timeout %.1f s", backend.name,
+             config.llm.chunking, config.llm.timeout)
+    return JobStage("llm", LlmStage(backend, config.llm).handle)
