@@ -59,6 +59,14 @@ class Keys:
         speech end is part of it: if the user went on, the final audio differs."""
         return f"{self.prefix}:{{{session_id}}}:asr:{turn_id}:{speech_end_ms}"
 
+    def user_messages(self, user_id: str) -> str:
+        """A user's recent conversation (a list), across sessions."""
+        return f"{self.prefix}:user:{{{user_id}}}:messages"
+
+    def user_summary(self, user_id: str) -> str:
+        """The summary of a user's older conversation."""
+        return f"{self.prefix}:user:{{{user_id}}}:summary"
+
     def dedup(self, stream: str, group: str, entry_id: str) -> str:
         """Which outputs of one input entry were already written (see runtime)."""
         return f"{stream}:dedup:{group}:{entry_id}"

@@ -1,0 +1,194 @@
+"""ConversationMemory against a real Redis; every test has its own key prefix."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from workers.bus import connect
+from workers.config import ContextWindowConfig, MemoryConfig
+from workers.memory import (
+    INTERRUPTED_MARKER,
+    MAX_CONTENT_BYTES,
+    SUMMARY_PREFIX,
+    ConversationMemory,
+    prompt_tokens,
+)
+
+SYSTEM = "You are a helpful voice assistant."
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    c = connect(redis_url)
+    yield c
+    await c.aclose()
+
+
+@pytest.fixture
+def mem(client: aioredis.Redis, prefix: str) -> ConversationMemory:
+    return ConversationMemory(client, prefix, MemoryConfig(), ContextWindowConfig())
+
+
+async def fill(mem: ConversationMemory, user: str, n: int, size: int = 10) -> None:
+    for i in range(n):
+        role = "user" if i % 2 == 0 else "assistant"
+        await mem.append(user, role, f"m{i:03d} " + "x" * size)
+
+
+async def test_second_turn_sees_first(mem: ConversationMemory) -> None:
+    await mem.append("alice", "user", "Hi, my name is Zelda.")
+    await mem.append("alice", "assistant", "Nice to meet you, Zelda.")
+    msgs = await mem.prompt("alice", SYSTEM, "What is my name?")
+    assert msgs[0] == {"role": "system", "content": SYSTEM}
+    assert msgs[-1] == {"role": "user", "content": "What is my name?"}
+    assert {"role": "user", "content": "Hi, my name is Zelda."} in msgs
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+
+
+async def test_cap_and_ttl(mem: ConversationMemory, client: aioredis.Redis) -> None:
+    await mem.append("bob", "user", "first")
+    await mem.replace_with_summary("bob", "s", [])  # no-op: nothing covered
+    hist = await mem.history("bob")
+    assert await mem.replace_with_summary("bob", "Bob said first.", hist) == 1
+    await fill(mem, "bob", 60)
+    hist = await mem.history("bob")
+    assert len(hist) == 50
+    assert [h.content[:4] for h in hist] == [f"m{i:03d}" for i in range(10, 60)]
+    ttl = MemoryConfig().message_ttl
+    for key in (mem.messages_key("bob"), mem.summary_key("bob")):
+        t = await client.ttl(key)
+        assert 0 < t <= ttl, key
+
+
+async def test_summarize_flow_with_concurrent_append(mem: ConversationMemory) -> None:
+    await fill(mem, "carol", 45)
+    assert await mem.needs_summary("carol")
+    old = await mem.to_summarize("carol")
+    assert len(old) == 35
+    assert old[0].content.startswith("m000") and old[-1].content.startswith("m034")
+    # The slow LLM summary runs here; the user keeps talking meanwhile.
+    await mem.append("carol", "user", "said during summarization")
+    removed = await mem.replace_with_summary("carol", "Carol likes sailing.", old)
+    assert removed == 35
+    hist = await mem.history("carol")
+    assert [h.content[:4] for h in hist[:10]] == [f"m{i:03d}" for i in range(35, 45)]
+    assert hist[-1].content == "said during summarization"
+    assert len(hist) == 11
+    assert await mem.summary("carol") == "Carol likes sailing."
+    assert not await mem.needs_summary("carol")
+    msgs = await mem.prompt("carol", SYSTEM, "hello")
+    assert msgs[1] == {"role": "system", "content": SUMMARY_PREFIX + "Carol likes sailing."}
+    # A second, stale replace of the same messages changes nothing.
+    assert await mem.replace_with_summary("carol", "stale", old) == -1
+    assert await mem.summary("carol") == "Carol likes sailing."
+    assert len(await mem.history("carol")) == 11
+
+
+async def test_concurrent_appends_racing_replace(mem: ConversationMemory) -> None:
+    await fill(mem, "dave", 40)
+    old = await mem.to_summarize("dave")
+    assert len(old) == 30
+    extra = [f"late {i}" for i in range(20)]
+    results = await asyncio.gather(
+        mem.replace_with_summary("dave", "summary", old),
+        *(mem.append("dave", "user", t) for t in extra),
+    )
+    assert results[0] >= 0
+    hist = [h.content for h in await mem.history("dave")]
+    assert all(t in hist for t in extra)  # no concurrent append lost
+    assert not any(c.startswith(f"m{i:03d}") for i in range(30) for c in hist)
+    kept = [c for c in hist if c.startswith("m")]
+    assert kept == [f"m{i:03d} " + "x" * 10 for i in range(30, 40)]
+
+
+async def test_head_trimmed_by_cap_during_summarization(mem: ConversationMemory) -> None:
+    await fill(mem, "erin", 45)
+    old = await mem.to_summarize("erin")
+    await fill(mem, "erin", 8)  # 53 -> capped to 50: the first 3 summarised ones are gone
+    assert await mem.replace_with_summary("erin", "sum", old) == 32
+    hist = await mem.history("erin")
+    assert len(hist) == 18
+    assert hist[0].content.startswith("m035")
+
+
+@pytest.mark.parametrize("size", [0, 100, 400, 1000, 4000, 8000])
+async def test_prompt_within_budget(mem: ConversationMemory, size: int) -> None:
+    await fill(mem, "frank", 50, size=size)
+    hist = await mem.history("frank")
+    await mem.replace_with_summary("frank", "y" * min(size * 3 + 1, 20000), hist[:5])
+    msgs = await mem.prompt("frank", SYSTEM, "and now?")
+    window = ContextWindowConfig()
+    assert prompt_tokens(msgs) <= window.max_tokens
+    assert msgs[0]["content"] == SYSTEM and msgs[-1]["content"] == "and now?"
+    history = msgs[1:-1]
+    if history and history[0]["content"].startswith(SUMMARY_PREFIX):
+        history = history[1:]
+    assert len(history) <= window.keep_recent_messages
+    # The most recent message is always the one kept when anything is kept.
+    if history:
+        assert history[-1]["content"].startswith("m049")
+        stored = [m.content for m in await mem.history("frank")]
+        contents = [h["content"] for h in history]
+        assert contents == stored[-len(contents):]  # contiguous, oldest first
+
+
+async def test_prompt_small_budget_keeps_system_and_user(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    mem = ConversationMemory(client, prefix, MemoryConfig(), ContextWindowConfig(max_tokens=60))
+    await fill(mem, "gina", 12, size=50)
+    hist = await mem.history("gina")
+    await mem.replace_with_summary("gina", "z" * 1000 + "END", hist[:2])
+    msgs = await mem.prompt("gina", SYSTEM, "hi")
+    assert prompt_tokens(msgs) <= 60
+    assert msgs[0]["content"] == SYSTEM and msgs[-1]["content"] == "hi"
+    assert len(msgs) == 3 and msgs[1]["content"].endswith("END")  # summary cut from its start
+    huge = "q" * 1000
+    msgs = await mem.prompt("gina", huge, huge)
+    assert msgs == [{"role": "system", "content": huge}, {"role": "user", "content": huge}]
+
+
+async def test_users_isolated(mem: ConversationMemory) -> None:
+    await mem.append("u1", "user", "secret of u1")
+    await mem.append("u2", "user", "secret of u2")
+    hist = await mem.history("u1")
+    await mem.replace_with_summary("u1", "u1 summary", hist)
+    p2 = await mem.prompt("u2", SYSTEM, "?")
+    text = " ".join(m["content"] for m in p2)
+    assert "u1" not in text and "secret of u2" in text
+    assert [m.content for m in await mem.history("u2")] == ["secret of u2"]
+    assert await mem.summary("u2") is None
+    assert await mem.history("u3") == []
+
+
+async def test_interrupted_marker(mem: ConversationMemory) -> None:
+    await mem.append("hal", "user", "Tell me a story.")
+    await mem.append("hal", "assistant", "Once upon a time", interrupted=True)
+    msgs = await mem.prompt("hal", SYSTEM, "Stop.")
+    assert msgs[2] == {"role": "assistant", "content": "Once upon a time" + INTERRUPTED_MARKER}
+    assert (await mem.history("hal"))[1].interrupted
+
+
+async def test_validation(mem: ConversationMemory) -> None:
+    with pytest.raises(ValueError, match="invalid role"):
+        await mem.append("ok", "system", "x")
+    for bad in ["", "a b", "x" * 129, "a\n", "a/b", "{tag}"]:
+        with pytest.raises(ValueError, match="invalid user id"):
+            await mem.append(bad, "user", "x")
+        with pytest.raises(ValueError, match="invalid user id"):
+            await mem.prompt(bad, SYSTEM, "x")
+    with pytest.raises(ValueError, match="bytes; at most"):
+        await mem.append("ok", "user", "é" * (MAX_CONTENT_BYTES // 2 + 1))
+    await mem.append("ok", "user", "a" * MAX_CONTENT_BYTES)  # the limit itself is fine
+    assert len(await mem.history("ok")) == 1
+
+
+async def test_summarization_disabled(client: aioredis.Redis, prefix: str) -> None:
+    cfg = MemoryConfig.model_validate({"summarization": {"enabled": False}})
+    mem = ConversationMemory(client, prefix, cfg)
+    await fill(mem, "ivy", 45)
+    assert not await mem.needs_summary("ivy")

@@ -1,0 +1,270 @@
+"""Per-user conversation memory in Redis: recent messages, a rolling summary, prompts.
+
+Two keys per user, both carrying the ``{user_id}`` hash tag so they live in one
+Redis Cluster slot (the Lua script below touches both):
+
+* ``{prefix}:user:{user_id}:messages`` - a list of JSON records, oldest first,
+  capped at ``memory.max_messages_per_user``;
+* ``{prefix}:user:{user_id}:summary`` - the summary of everything already
+  folded out of the list (a plain string).
+
+Both expire ``memory.message_ttl`` seconds after the user's last message.
+
+Summarization is off the critical path: the LLM stage checks `needs_summary`,
+asks the LLM to summarise `to_summarize`, then calls `replace_with_summary` with
+the messages it summarised. That call removes exactly those messages, and only
+if they are still at the head of the list, so messages appended during the slow
+summarization are never lost.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any, Final, Literal, cast
+
+import msgspec
+import redis.asyncio as aioredis
+
+from workers.config import ContextWindowConfig, MemoryConfig
+from workers.keys import Keys
+
+Role = Literal["user", "assistant"]
+ROLES: Final = frozenset({"user", "assistant"})
+# Same rule as schemas.events.Id; fullmatch, so a trailing newline is rejected too.
+USER_ID_RE: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+MAX_CONTENT_BYTES: Final = 8 * 1024  # one spoken turn is far shorter than this
+MAX_SUMMARY_BYTES: Final = 32 * 1024
+INTERRUPTED_MARKER: Final = " [interrupted: the user did not hear the rest]"
+SUMMARY_PREFIX: Final = "Summary of the earlier conversation: "
+# Token estimate: ~4 characters per token for English text, plus ~4 tokens of
+# chat-format overhead (role, separators) per message. Deliberately model-free
+# and cheap; it errs on the generous side for English prose.
+CHARS_PER_TOKEN: Final = 4
+TOKENS_PER_MESSAGE: Final = 4
+
+
+class Message(msgspec.Struct, frozen=True):
+    """One stored message. ``id`` is random; it makes every record unique so that
+    `replace_with_summary` can tell "the messages I summarised" from look-alikes."""
+
+    role: Role
+    content: str
+    ts: float  # unix seconds when it was stored
+    interrupted: bool = False  # an assistant reply the user cut off (barge-in)
+    id: str = ""
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens one chat message with this content costs, roughly (see above)."""
+    return -(-len(text) // CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE
+
+
+def prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
+    """The estimate for a whole prompt as `ConversationMemory.prompt` builds it."""
+    return sum(estimate_tokens(m["content"]) for m in messages)
+
+
+def render(message: Message) -> dict[str, str]:
+    """A stored message as an OpenAI chat message."""
+    content = message.content + (INTERRUPTED_MARKER if message.interrupted else "")
+    return {"role": message.role, "content": content}
+
+
+def validate_user_id(user_id: str) -> str:
+    if not isinstance(user_id, str) or USER_ID_RE.fullmatch(user_id) is None:
+        raise ValueError(
+            f"invalid user id {user_id!r}: need 1-128 characters from A-Z a-z 0-9 . _ : @ -"
+        )
+    return user_id
+
+
+# Removes the summarised head of the list and stores the new summary, atomically.
+# KEYS: messages, summary. ARGV: summary text ('' = do not store one), the encoded
+# last summarised message, how many messages were summarised, ttl seconds.
+# The last summarised record is looked for among the first `covered` entries (the
+# cap may have trimmed some of the head meanwhile: those are in the summary too).
+# Not found: the list changed under us (expired, already replaced): nothing is done.
+_REPLACE = """
+local n = tonumber(ARGV[3])
+local head = redis.call('LRANGE', KEYS[1], 0, n - 1)
+local found = -1
+for i = #head, 1, -1 do
+  if head[i] == ARGV[2] then found = i break end
+end
+if found < 0 then return -1 end
+redis.call('LTRIM', KEYS[1], found, -1)
+if ARGV[1] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[4]))
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+return found
+"""
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Message)
+
+
+class ConversationMemory:
+    """History, summary and prompt assembly for each user; users never share keys."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        memory: MemoryConfig | None = None,
+        context_window: ContextWindowConfig | None = None,
+    ) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.cfg = memory or MemoryConfig()
+        self.window = context_window or ContextWindowConfig()
+        self._replace = client.register_script(_REPLACE)
+
+    # Key names live here rather than in workers/keys.py on purpose: memory is per
+    # user, not per session. The {user_id} hash tag keeps both keys in one slot.
+    def messages_key(self, user_id: str) -> str:
+        return Keys(self.prefix).user_messages(validate_user_id(user_id))
+
+    def summary_key(self, user_id: str) -> str:
+        return Keys(self.prefix).user_summary(validate_user_id(user_id))
+
+    # -- writing ----------------------------------------------------------
+    async def append(
+        self, user_id: str, role: str, content: str, *, interrupted: bool = False
+    ) -> Message:
+        """Store one message; trim to the cap and refresh both TTLs in one MULTI/EXEC."""
+        if role not in ROLES:
+            raise ValueError(f"invalid role {role!r}: must be 'user' or 'assistant'")
+        if not isinstance(content, str):
+            raise ValueError(f"content must be str, got {type(content).__name__}")
+        size = len(content.encode("utf-8"))
+        if size > MAX_CONTENT_BYTES:
+            raise ValueError(
+                f"message content is {size} bytes; at most {MAX_CONTENT_BYTES} are stored"
+            )
+        msg = Message(
+            role=cast(Role, role), content=content, ts=time.time(),
+            interrupted=interrupted, id=secrets.token_hex(8),
+        )
+        mkey, skey = self.messages_key(user_id), self.summary_key(user_id)
+        ttl = self.cfg.message_ttl
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(mkey, _encoder.encode(msg))
+            pipe.ltrim(mkey, -self.cfg.max_messages_per_user, -1)
+            pipe.expire(mkey, ttl)
+            pipe.expire(skey, ttl)  # a no-op while there is no summary
+            await pipe.execute()
+        return msg
+
+    async def replace_with_summary(
+        self, user_id: str, summary: str, covered: Sequence[Message]
+    ) -> int:
+        """Set the summary and drop the summarised messages, atomically.
+
+        `summary` is the new full summary (merging with the previous one is the
+        caller's job); `covered` is what `to_summarize` returned and was summarised.
+        Exactly those messages are removed from the head of the list; anything
+        appended meanwhile stays. Returns how many were removed, or -1 when the
+        list no longer starts with them (nothing changed; summarise again later).
+        With ``summarization.keep_summary`` false the summary is not stored and
+        the covered messages are only dropped.
+        """
+        if not isinstance(summary, str):
+            raise ValueError(f"summary must be str, got {type(summary).__name__}")
+        size = len(summary.encode("utf-8"))
+        if size > MAX_SUMMARY_BYTES:
+            raise ValueError(f"summary is {size} bytes; at most {MAX_SUMMARY_BYTES} are stored")
+        mkey, skey = self.messages_key(user_id), self.summary_key(user_id)
+        if not covered:
+            return 0
+        stored = summary if self.cfg.summarization.keep_summary else ""
+        result = await self._replace(
+            keys=[mkey, skey],
+            args=[stored, _encoder.encode(covered[-1]), len(covered), self.cfg.message_ttl],
+        )
+        return int(result)
+
+    async def clear(self, user_id: str) -> None:
+        await self.redis.delete(self.messages_key(user_id), self.summary_key(user_id))
+
+    # -- reading ----------------------------------------------------------
+    async def history(self, user_id: str) -> list[Message]:
+        """Every stored message of the user, oldest first."""
+        raw = await self.redis.lrange(self.messages_key(user_id), 0, -1)
+        return _decode_all(raw)
+
+    async def summary(self, user_id: str) -> str | None:
+        raw: Any = await self.redis.get(self.summary_key(user_id))
+        if raw is None:
+            return None
+        return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+
+    async def length(self, user_id: str) -> int:
+        n: Any = await self.redis.llen(self.messages_key(user_id))
+        return int(n)
+
+    async def needs_summary(self, user_id: str) -> bool:
+        s = self.cfg.summarization
+        return s.enabled and await self.length(user_id) >= s.trigger_at
+
+    async def to_summarize(self, user_id: str) -> list[Message]:
+        """All messages but the last ``summarization.keep_recent``, oldest first."""
+        end = -(self.cfg.summarization.keep_recent + 1)
+        raw = await self.redis.lrange(self.messages_key(user_id), 0, end)
+        return _decode_all(raw)
+
+    async def prompt(
+        self, user_id: str, system_prompt: str, user_text: str
+    ) -> list[dict[str, str]]:
+        """OpenAI chat messages for the next turn, within ``context_window.max_tokens``.
+
+        Order: system prompt, summary (as a system message), the most recent
+        messages oldest first (at most ``keep_recent_messages``), the new user
+        text. The system prompt and the user text are always included; what does
+        not fit goes first from the oldest history, then from the summary (cut
+        from its start, keeping the most recent part). Budget uses `estimate_tokens`.
+        """
+        validate_user_id(user_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.summary_key(user_id))
+            pipe.lrange(self.messages_key(user_id), -self.window.keep_recent_messages, -1)
+            raw_summary, raw_recent = await pipe.execute()
+        head = {"role": "system", "content": system_prompt}
+        tail = {"role": "user", "content": user_text}
+        budget = self.window.max_tokens - prompt_tokens([head, tail])
+
+        summary_msgs: list[dict[str, str]] = []
+        if raw_summary is not None and budget > TOKENS_PER_MESSAGE:
+            text = raw_summary.decode("utf-8") if isinstance(raw_summary, bytes) else raw_summary
+            content = SUMMARY_PREFIX + text
+            if estimate_tokens(content) > budget:
+                keep = (budget - TOKENS_PER_MESSAGE) * CHARS_PER_TOKEN - len(SUMMARY_PREFIX) - 1
+                content = SUMMARY_PREFIX + "…" + text[len(text) - keep :] if keep > 0 else ""
+            if content:
+                summary_msgs.append({"role": "system", "content": content})
+                budget -= estimate_tokens(content)
+
+        recent: list[dict[str, str]] = []
+        for msg in reversed(_decode_all(raw_recent)):  # newest first
+            rendered = render(msg)
+            cost = estimate_tokens(rendered["content"])
+            if cost > budget:
+                break  # never skip a message and keep an older one: that would mislead
+            recent.append(rendered)
+            budget -= cost
+        recent.reverse()
+        return [head, *summary_msgs, *recent, tail]
+
+
+def _decode_all(raw: Sequence[bytes | str]) -> list[Message]:
+    out: list[Message] = []
+    for item in raw:
+        try:
+            out.append(_decoder.decode(item))
+        except msgspec.DecodeError:
+            continue  # a foreign or corrupt record: skipped rather than failing the turn
+    return out
