@@ -44,7 +44,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from tests.transcripts import wer  # noqa: E402
 from workers.backends.asr import (  # noqa: E402
     SAMPLE_RATE,
     DecodeOptions,
@@ -99,24 +99,6 @@ def speech_of_length(samples: list[tuple[str, str, np.ndarray, float, float]],
 
 
 # -- word error rate (as in tests/test_asr.py) ----------------------------------
-NUMBERS = {"10": "ten"}
-
-
-def words(text: str) -> list[str]:
-    text = re.sub("[-\u2010\u2013\u2014]", " ", text.lower())
-    return [NUMBERS.get(t, t) for t in re.sub(r"[^a-z0-9' ]", " ", text).split()]
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(1, len(ref))
-
-
 # -- configurations -------------------------------------------------------------
 def via_recognizer(rec: FasterWhisperRecognizer) -> Transcribe:
     return lambda audio: rec.transcribe(audio, SAMPLE_RATE).text

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from tests.transcripts import wer, words
 from workers.backends.asr import (
     AsrInputError,
     AsrResult,
@@ -41,10 +42,6 @@ from workers.backends.model_files import (
 )
 
 SAMPLES = Path(__file__).resolve().parent.parent / "voicebus" / "samples"
-NUMBERS = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five",
-           "6": "six", "7": "seven", "8": "eight", "9": "nine", "10": "ten"}
-
-
 # -- helpers (shared with test_asr_worker) -------------------------------------
 def manifest() -> dict[str, str]:
     with (SAMPLES / "manifest.tsv").open(newline="") as f:
@@ -55,24 +52,6 @@ def read_pcm(name: str) -> bytes:
     with wave.open(str(SAMPLES / name)) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 16000)
         return w.readframes(w.getnframes())
-
-
-def words(text: str) -> list[str]:
-    """Lower case, hyphens as spaces, no punctuation, digits spelled out."""
-    text = re.sub("[-\u2010\u2013\u2014]", " ", text.lower())
-    tokens = re.sub(r"[^a-z0-9' ]", " ", text).split()
-    return [NUMBERS.get(t, t) for t in tokens]
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level edit distance / reference length."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(1, len(ref))
 
 
 def resampled(pcm: bytes, rate: int) -> bytes:

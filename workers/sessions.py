@@ -243,6 +243,9 @@ class SessionWorker(Worker):
                         emitted.append(entry_id)
                     if isinstance(event, SessionEnded):
                         owned.ended = True
+                    # A frame that emits nothing never suspends: yield, so a backlog of
+                    # frames cannot starve the heartbeat (peers would take the session).
+                    await asyncio.sleep(0)
                 await self._acks.ack(stream, done, emitted)
                 owned.busy = owned.ended  # an ended session stays busy until released
                 self._wake.set()
