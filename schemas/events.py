@@ -37,6 +37,10 @@ TraceParent = Annotated[
 TraceState = Annotated[str, Meta(max_length=512)]
 # One audio frame: up to ~1.3 s at 48 kHz. Larger frames are a client bug.
 FramePcm = Annotated[bytes, Meta(max_length=131_072)]
+# The user a turn belongs to: set by the gateway from the device's token (never from
+# the payload) on SessionStarted and carried on every event down to the LLM stage,
+# which keys memory by it. Empty: unknown (memory then falls back to the session).
+UserId = Annotated[str, Meta(max_length=128, pattern=r"^$|^[A-Za-z0-9._:@-]+$")]
 # An utterance or synthesized chunk: 60 s at 16 kHz is 1.92 MB; allow ~3 MB.
 UtterancePcm = Annotated[bytes, Meta(max_length=3_145_728)]
 
@@ -124,6 +128,7 @@ class TurnEnded(TurnEvent, frozen=True, kw_only=True, tag="turn_ended"):
     # A guess sent at the first pause so ASR can start early; the real TurnEnded
     # (speculative=False) follows, or the user goes on and the guess is wasted.
     speculative: bool = False
+    user_id: UserId = ""
 
     def __post_init__(self) -> None:
         _check_pcm16(self.audio)
@@ -137,21 +142,35 @@ class Transcript(TurnEvent, frozen=True, kw_only=True, tag="transcript"):
     failed: bool = False  # ASR could not transcribe; `error` says why
     error: Reason = ""
     language: Annotated[str, Meta(max_length=16)] = ""
+    user_id: UserId = ""
 
 
 class TextChunk(TurnEvent, frozen=True, kw_only=True, tag="text_chunk"):
-    """A piece of the reply for TTS: a sentence, or a few words in word mode."""
+    """A piece of the reply for TTS: a sentence, or a few words in word mode.
+
+    ``last`` marks the end of the reply; a last chunk may have empty text (the reply
+    ended exactly on the previous chunk)."""
 
     text: Text
     last: bool = False
 
 
 class AudioChunk(TurnEvent, frozen=True, kw_only=True, tag="audio_chunk"):
-    """Synthesized reply audio for the speaker, ordered by ``seq``."""
+    """Synthesized reply audio for the speaker.
+
+    One text chunk becomes one or more audio chunks, synthesized by whichever TTS
+    worker took it (text chunks of one turn may be synthesized in parallel). Play
+    order is ``(seq, part)``: ``seq`` is the text chunk's seq, ``part`` counts the
+    audio pieces of that text chunk, ``final_part`` marks its last piece, and
+    ``last`` marks the last audio of the whole reply (it may carry no samples).
+    """
 
     sample_rate: SampleRate
     pcm: UtterancePcm
     last: bool = False
+    part: Seq = 0
+    final_part: bool = True
+    text: Text = ""  # what this text chunk said (on part 0), for captions and memory
 
     def __post_init__(self) -> None:
         _check_pcm16(self.pcm)

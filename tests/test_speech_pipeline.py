@@ -39,7 +39,7 @@ def test_20_sessions_through_2_vad_and_2_asr_workers(workers, prefix, sync_redis
         plan[f"s{i:02d}"] = (first, second)
         audio = join(silence(0.5, seed=i), speech(first), silence(2.0), speech(second),
                      silence(2.0))
-        stream_session(sync_redis, keys, f"s{i:02d}", audio)
+        stream_session(sync_redis, keys, f"s{i:02d}", audio, user=f"user{i:02d}")
 
     def transcripts(sid: str) -> list[Transcript]:
         return [e for e in read_all(sync_redis, keys.out(sid))
@@ -54,6 +54,8 @@ def test_20_sessions_through_2_vad_and_2_asr_workers(workers, prefix, sync_redis
         assert similar(got[0].text, WORDS[first]), (sid, got[0].text)  # in order
         assert similar(got[1].text, WORDS[second]), (sid, got[1].text)
         assert got[0].turn_id != got[1].turn_id
+        # The token's user travels with the turn, for the LLM stage's memory.
+        assert {t.user_id for t in got} == {f"user{sid[1:]}"}
     logs = workers.logs()
     # Both workers of each stage did some of the work.
     vad_owners = set(re.findall(r"(vad-\S+): owns session", logs))

@@ -25,10 +25,10 @@ from workers.keys import Keys
 
 
 def stream_session(r: redis.Redis, keys: Keys, sid: str, audio: np.ndarray, rate: int = RATE,
-                   frame_ms: int = 20, end: bool = True) -> None:
+                   frame_ms: int = 20, end: bool = True, user: str = "u") -> None:
     """Announce a session and send its audio as frames (decisions are in audio time,
     so sending faster than real time changes nothing)."""
-    publish(r, keys.sessions(), SessionStarted(session_id=sid, user_id="u", sample_rate=rate))
+    publish(r, keys.sessions(), SessionStarted(session_id=sid, user_id=user, sample_rate=rate))
     data = pcm(resample(audio, RATE, rate))
     step = rate * frame_ms // 1000 * 2
     pipe = r.pipeline(transaction=False)

@@ -67,6 +67,20 @@ class Keys:
         """The summary of a user's older conversation."""
         return f"{self.prefix}:user:{{{user_id}}}:summary"
 
+    def user_turn_stored(self, user_id: str, turn_id: str, role: str) -> str:
+        """Set once a turn's message of ``role`` is stored: a redelivered turn does not
+        store it twice."""
+        return f"{self.prefix}:user:{{{user_id}}}:stored:{turn_id}:{role}"
+
+    def user_turn_heard(self, user_id: str, turn_id: str) -> str:
+        """What the user heard of an interrupted reply, when it is known before the
+        reply is stored (the gateway reports playback; the LLM stage stores the reply)."""
+        return f"{self.prefix}:user:{{{user_id}}}:heard:{turn_id}"
+
+    def user_summarizing(self, user_id: str) -> str:
+        """A lock: one worker at a time summarizes a user's conversation."""
+        return f"{self.prefix}:user:{{{user_id}}}:summarizing"
+
     def dedup(self, stream: str, group: str, entry_id: str) -> str:
         """Which outputs of one input entry were already written (see runtime)."""
         return f"{stream}:dedup:{group}:{entry_id}"

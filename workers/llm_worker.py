@@ -4,9 +4,17 @@
   (``workers.backends.llm``: an OpenAI-compatible endpoint at ``llm.base_url``; when
   that is unset, ``EchoLlm`` repeats the user, with a warning at start). Non-final
   transcripts are ignored. A failed or empty transcript -> ``SAY_AGAIN``.
-* The prompt is the system prompt (``llm.system_prompt``), then ``history`` (the
-  conversation so far: empty until Redis memory lands, see ``build_messages``), then
-  the user's words.
+* **Memory** (``workers.memory``, per user: the transcript's ``user_id``, which the
+  gateway took from the device's token; a session without one is its own user):
+  the prompt is the system prompt, the summary of older turns and the recent
+  messages within ``context_window.max_tokens``, then the user's words. The user's
+  words are stored before the model is asked; the reply is stored when it ends, as
+  what was *spoken*: a cancelled turn stores only the chunks already sent, marked
+  interrupted (the gateway narrows that to what was played, via
+  ``ConversationMemory.record_heard``). Both are stored once per turn, so a
+  redelivered turn is not remembered twice. After storing, a background task
+  summarizes when the history is long (``workers.summarizer``). Memory is best
+  effort: if Redis cannot serve it the turn is answered without history.
 * Tokens go through ``workers.chunking.Chunker`` (``llm.chunking``: sentences, or a
   first chunk of ``word_chunk_min``..``word_chunk_max`` words); every chunk is emitted
   the moment it exists as ``TextChunk(seq=n, last=False)`` to the TTS queue and the
@@ -39,13 +47,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+from redis.exceptions import RedisError
 
 from schemas import Event, TextChunk, Transcript
 from workers.backends.llm import ChatBackend, ChatMessage, LlmError, LlmTimeout, load_backend
 from workers.chunking import Chunker
-from workers.config import Config, LlmConfig
+from workers.config import Config
+from workers.memory import ConversationMemory
 from workers.runtime import Context, Emit, JobStage
+from workers.summarizer import Summarizer
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +67,9 @@ RETRY_PAUSE_S = 0.05  # before the one retry of a request that failed before any
 
 def build_messages(system_prompt: str, text: str,
                    history: Sequence[ChatMessage] = ()) -> list[ChatMessage]:
-    """The prompt: system prompt, the conversation so far, the user's words.
+    """The prompt without memory: system prompt, ``history``, the user's words.
 
-    ``history`` is the seam for Redis memory (issue 4): today it is always empty.
+    Used when memory is unavailable; ``ConversationMemory.prompt`` builds the real one.
     """
     messages: list[ChatMessage] = []
     if system_prompt:
@@ -89,6 +101,8 @@ class _Turn:
     chunks: int = 0  # TextChunks emitted (the seq of the next one)
     attempts: int = 0
     got_token: bool = False  # this attempt has had a token
+    spoken: list[str] = field(default_factory=list)  # texts of the chunks emitted
+    outcome: str = ""  # "ok", "broken", "apology", "cancelled"
 
     def metrics(self, outcome: str) -> str:
         if self.first_token is None:
@@ -149,10 +163,27 @@ class _TokenWaiter:
                 pass
 
 
+def memory_user(event: Transcript) -> str:
+    """Whose memory a turn uses: the token's user, else the session alone."""
+    return event.user_id or f"session:{event.session_id}"
+
+
 class LlmStage:
-    def __init__(self, backend: ChatBackend, config: LlmConfig) -> None:
+    def __init__(self, backend: ChatBackend, config: Config) -> None:
         self.backend = backend
-        self.config = config
+        self.full_config = config
+        self.config = config.llm
+        self._memory: ConversationMemory | None = None
+        self._summarizer: Summarizer | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def memory(self, ctx: Context) -> ConversationMemory:
+        if self._memory is None:  # the runtime's client exists only once it runs
+            cfg = self.full_config
+            self._memory = ConversationMemory(ctx.bus.redis, ctx.keys.prefix, cfg.memory,
+                                              cfg.context_window)
+            self._summarizer = Summarizer(self._memory, self.backend, self.config.timeout)
+        return self._memory
 
     def chunker(self) -> Chunker:
         return Chunker(self.config.chunking, first_words_min=self.config.word_chunk_min,
@@ -167,13 +198,46 @@ class LlmStage:
             for emit in _chunk(ctx, event, 0, SAY_AGAIN, last=True):
                 yield emit
             return
-        async for emit in self._reply(event, ctx, build_messages(self.config.system_prompt,
-                                                                 event.text)):
-            yield emit
-
-    async def _reply(self, event: Transcript, ctx: Context,
-                     messages: list[ChatMessage]) -> AsyncIterator[Emit]:
+        user = memory_user(event)
+        messages = await self._prompt(ctx, user, event)
+        await self._remember(ctx, user, event, "user", event.text)
         turn = _Turn()
+        async for emit in self._reply(event, ctx, messages, turn):
+            yield emit
+        if turn.spoken and any(turn.spoken):
+            await self._remember(ctx, user, event, "assistant", " ".join(
+                t for t in turn.spoken if t), interrupted=turn.outcome == "cancelled")
+            self._summarize_later(user)
+
+    async def _prompt(self, ctx: Context, user: str, event: Transcript) -> list[ChatMessage]:
+        try:
+            prompt = await self.memory(ctx).prompt(user, self.config.system_prompt, event.text,
+                                                   turn_id=event.turn_id)
+        except (RedisError, OSError) as exc:
+            log.warning("memory unavailable (%s: %s); answering without history",
+                        type(exc).__name__, exc)
+            return build_messages(self.config.system_prompt, event.text)
+        return cast(list[ChatMessage], prompt)
+
+    async def _remember(self, ctx: Context, user: str, event: Transcript, role: str, text: str,
+                        *, interrupted: bool = False) -> None:
+        try:
+            await self.memory(ctx).append(user, role, text[:4000], interrupted=interrupted,
+                                          turn_id=event.turn_id)
+        except (RedisError, OSError) as exc:
+            log.warning("could not store the %s message (%s: %s)", role,
+                        type(exc).__name__, exc)
+
+    def _summarize_later(self, user: str) -> None:
+        """Summarize in the background: the turn does not wait for it."""
+        if self._summarizer is None or not self.full_config.memory.summarization.enabled:
+            return
+        task = asyncio.create_task(self._summarizer.maybe_summarize(user))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reply(self, event: Transcript, ctx: Context, messages: list[ChatMessage],
+                     turn: _Turn) -> AsyncIterator[Emit]:
         cancel_event = ctx.cancel_event()
         cancelled = asyncio.ensure_future(cancel_event.wait())
         cfg = self.config
@@ -206,10 +270,12 @@ class LlmStage:
                             for emit in _chunk(ctx, event, turn.chunks, text, last=False):
                                 yield emit
                             turn.chunks += 1
+                            turn.spoken.append(text)
                         if ctx.cancelled():
                             raise _Cancelled
                 except _Cancelled:
                     await waiter.close()
+                    turn.outcome = "cancelled"
                     log.info("llm turn cancelled; stream closed. %s", turn.metrics("cancelled"))
                     return
                 except _Stalled:
@@ -224,12 +290,14 @@ class LlmStage:
                     failure, timed_out = f"{type(exc).__name__}: {exc}", False
                 await waiter.close()
                 if failure is None:  # the stream ended normally
+                    turn.outcome = "ok"
                     for emit in self._finish(ctx, event, turn, chunker.flush()):
                         yield emit
                     log.info("llm turn done: %s", turn.metrics("ok"))
                     return
                 if turn.chunks:  # something was spoken: keep it, repeat nothing
                     spoken = turn.chunks
+                    turn.outcome = "broken"
                     for emit in self._finish(ctx, event, turn, chunker.flush()):
                         yield emit
                     log.warning("llm stream broke off after %d chunks (%s); ending the reply "
@@ -237,6 +305,7 @@ class LlmStage:
                                 turn.metrics("broken"))
                     return
                 if ctx.cancelled():
+                    turn.outcome = "cancelled"
                     log.info("llm turn cancelled; stream closed. %s", turn.metrics("cancelled"))
                     return
                 if timed_out or turn.attempts >= 2:
@@ -245,11 +314,14 @@ class LlmStage:
                     for emit in _chunk(ctx, event, 0, cfg.apology, last=True):
                         yield emit
                     turn.chunks += 1
+                    turn.spoken.append(cfg.apology)
+                    turn.outcome = "apology"
                     return
                 log.warning("llm failed before anything was spoken (%s); retrying once", failure)
                 turn.got_token = False
                 await asyncio.sleep(RETRY_PAUSE_S)
                 if ctx.cancelled():
+                    turn.outcome = "cancelled"
                     return
         finally:  # also when the runtime abandons the entry (lease lost, shutdown)
             cancelled.cancel()
@@ -264,6 +336,7 @@ class LlmStage:
         for i, text in enumerate(rest or [""]):
             yield from _chunk(ctx, event, turn.chunks, text, last=i == max(len(rest), 1) - 1)
             turn.chunks += 1
+            turn.spoken.append(text)
 
 
 def _chunk(ctx: Context, event: Transcript, seq: int, text: str, *, last: bool) -> Iterator[Emit]:
@@ -277,4 +350,4 @@ def build(config: Config) -> JobStage:
     backend = load_backend(config.llm)
     log.info("LLM stage ready: %s, %s chunking, timeout %.1f s", backend.name,
              config.llm.chunking, config.llm.timeout)
-    return JobStage("llm", LlmStage(backend, config.llm).handle)
+    return JobStage("llm", LlmStage(backend, config).handle)

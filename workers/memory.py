@@ -15,6 +15,11 @@ asks the LLM to summarise `to_summarize`, then calls `replace_with_summary` with
 the messages it summarised. That call removes exactly those messages, and only
 if they are still at the head of the list, so messages appended during the slow
 summarization are never lost.
+
+Messages of a turn carry its ``turn_id``: storing is idempotent per turn and role
+(a redelivered turn is not stored twice), and `record_heard` can replace a reply
+with the part the user actually heard, whether it arrives before or after the
+reply itself is stored.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class Message(msgspec.Struct, frozen=True):
     ts: float  # unix seconds when it was stored
     interrupted: bool = False  # an assistant reply the user cut off (barge-in)
     id: str = ""
+    turn_id: str = ""
 
 
 def estimate_tokens(text: str) -> int:
@@ -81,18 +87,65 @@ def validate_user_id(user_id: str) -> str:
     return user_id
 
 
+# Appends one message, trims to the cap, refreshes both TTLs, atomically.
+# KEYS: messages, summary, stored marker, heard override. ARGV: the encoded record,
+# the cap, ttl seconds, '1' when the record belongs to a turn (then it is stored at
+# most once per turn and role, and an assistant reply is replaced by what the user
+# is already known to have heard). Returns the stored record, or false (duplicate).
+_APPEND = """
+local ttl = tonumber(ARGV[3])
+local record = ARGV[1]
+if ARGV[4] == '1' then
+  if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ttl) then return false end
+  local heard = redis.call('GET', KEYS[4])
+  if heard then
+    local m = cjson.decode(record)
+    if m.role == 'assistant' then
+      m.content = heard
+      m.interrupted = true
+      record = cjson.encode(m)
+    end
+  end
+end
+redis.call('RPUSH', KEYS[1], record)
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+return record
+"""
+
+# Replaces a turn's stored reply with what the user heard; remembers it for a reply
+# not stored yet. KEYS: messages, heard override. ARGV: turn id, heard text, ttl.
+# Returns 1 when a stored reply was changed, 0 when it is kept for later.
+_HEARD = """
+redis.call('SET', KEYS[2], ARGV[2], 'EX', tonumber(ARGV[3]))
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = #items, 1, -1 do
+  local ok, m = pcall(cjson.decode, items[i])
+  if ok and type(m) == 'table' and m.turn_id == ARGV[1] and m.role == 'assistant' then
+    m.content = ARGV[2]
+    m.interrupted = true
+    redis.call('LSET', KEYS[1], i - 1, cjson.encode(m))
+    return 1
+  end
+end
+return 0
+"""
+
 # Removes the summarised head of the list and stores the new summary, atomically.
-# KEYS: messages, summary. ARGV: summary text ('' = do not store one), the encoded
-# last summarised message, how many messages were summarised, ttl seconds.
+# KEYS: messages, summary. ARGV: summary text ('' = do not store one), the id of
+# the last summarised message, how many messages were summarised, ttl seconds.
 # The last summarised record is looked for among the first `covered` entries (the
 # cap may have trimmed some of the head meanwhile: those are in the summary too).
+# Records are matched by id, not bytes: `record_heard` may have re-encoded one.
 # Not found: the list changed under us (expired, already replaced): nothing is done.
 _REPLACE = """
 local n = tonumber(ARGV[3])
 local head = redis.call('LRANGE', KEYS[1], 0, n - 1)
 local found = -1
 for i = #head, 1, -1 do
-  if head[i] == ARGV[2] then found = i break end
+  local ok, m = pcall(cjson.decode, head[i])
+  if ok and type(m) == 'table' and m.id == ARGV[2] then found = i break end
 end
 if found < 0 then return -1 end
 redis.call('LTRIM', KEYS[1], found, -1)
@@ -123,6 +176,9 @@ class ConversationMemory:
         self.cfg = memory or MemoryConfig()
         self.window = context_window or ContextWindowConfig()
         self._replace = client.register_script(_REPLACE)
+        self._append = client.register_script(_APPEND)
+        self._heard = client.register_script(_HEARD)
+        self.keys = Keys(prefix)
 
     # Key names live here rather than in workers/keys.py on purpose: memory is per
     # user, not per session. The {user_id} hash tag keeps both keys in one slot.
@@ -134,9 +190,15 @@ class ConversationMemory:
 
     # -- writing ----------------------------------------------------------
     async def append(
-        self, user_id: str, role: str, content: str, *, interrupted: bool = False
-    ) -> Message:
-        """Store one message; trim to the cap and refresh both TTLs in one MULTI/EXEC."""
+        self, user_id: str, role: str, content: str, *, interrupted: bool = False,
+        turn_id: str = "",
+    ) -> Message | None:
+        """Store one message; trim to the cap and refresh both TTLs, atomically.
+
+        With a ``turn_id``, a second call for the same turn and role stores nothing and
+        returns None, and an assistant reply whose heard part `record_heard` already
+        knows is stored as that part, marked interrupted.
+        """
         if role not in ROLES:
             raise ValueError(f"invalid role {role!r}: must be 'user' or 'assistant'")
         if not isinstance(content, str):
@@ -148,17 +210,38 @@ class ConversationMemory:
             )
         msg = Message(
             role=cast(Role, role), content=content, ts=time.time(),
-            interrupted=interrupted, id=secrets.token_hex(8),
+            interrupted=interrupted, id=secrets.token_hex(8), turn_id=turn_id,
         )
-        mkey, skey = self.messages_key(user_id), self.summary_key(user_id)
-        ttl = self.cfg.message_ttl
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(mkey, _encoder.encode(msg))
-            pipe.ltrim(mkey, -self.cfg.max_messages_per_user, -1)
-            pipe.expire(mkey, ttl)
-            pipe.expire(skey, ttl)  # a no-op while there is no summary
-            await pipe.execute()
-        return msg
+        mkey = self.messages_key(user_id)
+        tag = turn_id or "-"
+        stored = await self._append(
+            keys=[mkey, self.summary_key(user_id),
+                  self.keys.user_turn_stored(user_id, tag, role),
+                  self.keys.user_turn_heard(user_id, tag)],
+            args=[_encoder.encode(msg), self.cfg.max_messages_per_user, self.cfg.message_ttl,
+                  "1" if turn_id else "0"],
+        )
+        if not stored:
+            return None
+        return _decoder.decode(stored)
+
+    async def record_heard(self, user_id: str, turn_id: str, heard: str) -> bool:
+        """The user heard only ``heard`` of the turn's reply (barge-in): store that.
+
+        Replaces the stored reply (marked interrupted) and returns True; if the reply is
+        not stored yet, keeps ``heard`` so that `append` stores it instead, and returns
+        False. Either order ends with the same history.
+        """
+        if not turn_id:
+            raise ValueError("record_heard needs the turn id of the interrupted reply")
+        size = len(heard.encode("utf-8"))
+        if size > MAX_CONTENT_BYTES:
+            raise ValueError(f"heard text is {size} bytes; at most {MAX_CONTENT_BYTES}")
+        changed = await self._heard(
+            keys=[self.messages_key(user_id), self.keys.user_turn_heard(user_id, turn_id)],
+            args=[turn_id, heard, self.cfg.message_ttl],
+        )
+        return bool(changed)
 
     async def replace_with_summary(
         self, user_id: str, summary: str, covered: Sequence[Message]
@@ -184,7 +267,7 @@ class ConversationMemory:
         stored = summary if self.cfg.summarization.keep_summary else ""
         result = await self._replace(
             keys=[mkey, skey],
-            args=[stored, _encoder.encode(covered[-1]), len(covered), self.cfg.message_ttl],
+            args=[stored, covered[-1].id, len(covered), self.cfg.message_ttl],
         )
         return int(result)
 
@@ -218,7 +301,7 @@ class ConversationMemory:
         return _decode_all(raw)
 
     async def prompt(
-        self, user_id: str, system_prompt: str, user_text: str
+        self, user_id: str, system_prompt: str, user_text: str, *, turn_id: str = ""
     ) -> list[dict[str, str]]:
         """OpenAI chat messages for the next turn, within ``context_window.max_tokens``.
 
@@ -227,6 +310,8 @@ class ConversationMemory:
         text. The system prompt and the user text are always included; what does
         not fit goes first from the oldest history, then from the summary (cut
         from its start, keeping the most recent part). Budget uses `estimate_tokens`.
+        Messages of ``turn_id`` itself are left out (a redelivered turn finds its own
+        user message already stored).
         """
         validate_user_id(user_id)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -250,6 +335,8 @@ class ConversationMemory:
 
         recent: list[dict[str, str]] = []
         for msg in reversed(_decode_all(raw_recent)):  # newest first
+            if turn_id and msg.turn_id == turn_id:
+                continue
             rendered = render(msg)
             cost = estimate_tokens(rendered["content"])
             if cost > budget:

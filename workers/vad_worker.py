@@ -82,6 +82,7 @@ class HybridVad:
 
     def __init__(self, started: SessionStarted, models: VadModels, config: Config) -> None:
         self.session_id = started.session_id
+        self.user_id = started.user_id  # from the device's token; carried to the LLM's memory
         self.models = models
         self.rate = started.sample_rate
         self.resample = StreamResampler(self.rate)
@@ -139,7 +140,7 @@ class HybridVad:
             audio=float_to_pcm16(end.audio), speech_start_ms=_ms(end.start),
             speech_end_ms=_ms(end.speech_end), decided_ms=_ms(end.decided), rule=end.rule,
             probability=end.probability, speculative=end.speculative,
-            traceparent=cause.traceparent)
+            user_id=self.user_id, traceparent=cause.traceparent)
         yield Emit(ctx.keys.queue("asr"), turn)
         if end.speculative:
             return

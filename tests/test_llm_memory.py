@@ -1,0 +1,225 @@
+"""The LLM stage remembers: ``voicebus worker llm`` in its own process, real Redis, a
+scripted OpenAI-compatible server (to see exactly what the model was asked)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from schemas import TextChunk, Transcript
+from tests.busutil import cancel_turn, publish, read_all
+from tests.conftest import WorkerProcs, wait_for
+from tests.support.openai_server import Script, ScriptedOpenAI
+from workers.config import ContextWindowConfig, LlmConfig, MemoryConfig
+from workers.keys import Keys
+from workers.memory import INTERRUPTED_MARKER, ConversationMemory, Message, prompt_tokens
+from workers.summarizer import INSTRUCTIONS
+
+SYSTEM = LlmConfig().system_prompt
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedOpenAI]:
+    with ScriptedOpenAI() as s:
+        yield s
+
+
+def start_llm(workers: WorkerProcs, server: ScriptedOpenAI, **env: str) -> Keys:
+    workers.start_cli("llm", VOICEBUS_LLM__BASE_URL=server.url, VOICEBUS_LLM__TIMEOUT="2",
+                      **env)
+    return Keys(workers.prefix)
+
+
+def say(r: redis.Redis, keys: Keys, user: str, text: str, *, session: str | None = None,
+        turn: str | None = None) -> tuple[str, str]:
+    session = session or f"s{uuid.uuid4().hex[:8]}"
+    turn = turn or f"t{uuid.uuid4().hex[:8]}"
+    publish(r, keys.queue("llm"), Transcript(session_id=session, turn_id=turn, text=text,
+                                             user_id=user))
+    return session, turn
+
+
+def answered(r: redis.Redis, keys: Keys, session: str, turn: str) -> list[TextChunk]:
+    def done() -> list[TextChunk] | None:
+        got = [e for e in read_all(r, keys.out(session))
+               if isinstance(e, TextChunk) and e.turn_id == turn]
+        return got if any(c.last for c in got) else None
+    found: list[TextChunk] = wait_for(done, timeout=15, what=f"the reply to {turn}")
+    return found
+
+
+def history(url: str, prefix: str, user: str) -> list[Message]:
+    async def read() -> list[Message]:
+        client = aioredis.Redis.from_url(url)
+        try:
+            return await ConversationMemory(client, prefix).history(user)
+        finally:
+            await client.aclose()
+    return asyncio.run(read())
+
+
+def stored(url: str, prefix: str, user: str, n: int) -> list[Message]:
+    found: list[Message] = wait_for(lambda: (h := history(url, prefix, user)) and len(h) >= n
+                                    and h, timeout=10, what=f"{n} stored messages")
+    return found
+
+
+def test_second_turn_sees_the_first_and_users_are_apart(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    server.scripts = [Script.reply(["Nice to meet you, ", "Ada."])]
+    keys = start_llm(workers, server)
+    session, first = say(sync_redis, keys, "ada", "Hi, my name is Ada.")
+    answered(sync_redis, keys, session, first)
+    stored(workers.url, workers.prefix, "ada", 2)
+    # A later session of the same user (a reconnect) continues the conversation.
+    session2, second = say(sync_redis, keys, "ada", "What is my name?")
+    answered(sync_redis, keys, session2, second)
+    assert server.requests[1].body["messages"] == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Hi, my name is Ada."},
+        {"role": "assistant", "content": "Nice to meet you, Ada."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    # Another user starts from nothing and never sees Ada's conversation.
+    session3, third = say(sync_redis, keys, "bob", "What is my name?")
+    answered(sync_redis, keys, session3, third)
+    assert server.requests[2].body["messages"] == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    msgs = stored(workers.url, workers.prefix, "ada", 4)
+    assert [(m.role, m.turn_id) for m in msgs] == [("user", first), ("assistant", first),
+                                                   ("user", second), ("assistant", second)]
+    assert [(m.role, m.content) for m in history(workers.url, workers.prefix, "bob")] == [
+        ("user", "What is my name?"), ("assistant", "Nice to meet you, Ada.")]
+
+
+def test_a_redelivered_turn_is_remembered_once(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    server.scripts = [Script.reply(["Four."])]
+    keys = start_llm(workers, server)
+    session, turn = say(sync_redis, keys, "carl", "Two plus two?")
+    answered(sync_redis, keys, session, turn)
+    stored(workers.url, workers.prefix, "carl", 2)
+    # The same turn again (a producer retry, a reclaim after a crash).
+    say(sync_redis, keys, "carl", "Two plus two?", session=session, turn=turn)
+    wait_for(lambda: len(server.requests) == 2, what="the second request")
+    # Its prompt does not contain the turn's own words twice...
+    assert server.requests[1].body["messages"] == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Two plus two?"},
+    ]
+    time.sleep(0.5)
+    # ...and memory holds the turn once.
+    assert [m.role for m in history(workers.url, workers.prefix, "carl")] == ["user",
+                                                                             "assistant"]
+
+
+def test_an_interrupted_reply_keeps_only_what_was_heard(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    pieces = [f"Sentence number {i}. " for i in range(40)]
+    server.scripts = [Script.reply(pieces, delay=0.1)]
+    keys = start_llm(workers, server)
+    session, turn = say(sync_redis, keys, "dora", "Talk a lot.")
+
+    def chunks() -> list[TextChunk]:
+        return [e for e in read_all(sync_redis, keys.out(session)) if isinstance(e, TextChunk)]
+
+    wait_for(lambda: len(chunks()) >= 3, timeout=10, what="three chunks")
+    cancel_turn(workers.url, keys, session, turn, "barge-in")
+    msgs = stored(workers.url, workers.prefix, "dora", 2)
+    reply = msgs[1]
+    assert reply.role == "assistant" and reply.interrupted and reply.turn_id == turn
+    sent = " ".join(c.text for c in chunks())
+    assert reply.content == sent  # what was sent to the speaker, nothing more
+    assert 3 <= len(reply.content.split(". ")) < 40
+
+    # The gateway then reports what was actually played: that replaces it.
+    async def heard() -> tuple[bool, list[dict[str, str]]]:
+        client = aioredis.Redis.from_url(workers.url)
+        try:
+            memory = ConversationMemory(client, workers.prefix)
+            changed = await memory.record_heard("dora", turn, "Sentence number 0.")
+            return changed, await memory.prompt("dora", "sys", "next")
+        finally:
+            await client.aclose()
+
+    changed, prompt = asyncio.run(heard())
+    assert changed
+    assert prompt[2] == {"role": "assistant",
+                         "content": "Sentence number 0." + INTERRUPTED_MARKER}
+
+
+async def test_record_heard_either_order(redis_url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        memory = ConversationMemory(client, prefix)
+        assert not await memory.record_heard("eve", "t1", "Hello there.")
+        await memory.append("eve", "user", "Hi", turn_id="t1")
+        stored_reply = await memory.append("eve", "assistant", "Hello there. How are you?",
+                                           turn_id="t1")
+        assert stored_reply is not None
+        assert (stored_reply.content, stored_reply.interrupted) == ("Hello there.", True)
+        assert await memory.append("eve", "assistant", "again", turn_id="t1") is None
+        assert [m.content for m in await memory.history("eve")] == ["Hi", "Hello there."]
+    finally:
+        await client.aclose()
+
+
+def test_long_history_is_summarized_in_the_background(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    summary = "The user is Ada, who likes green tea and is planning a trip to Lisbon."
+    server.scripts = [Script.reply(["Lisbon is lovely in May."]), Script.reply([summary])]
+    memory_cfg, window = MemoryConfig(), ContextWindowConfig(max_tokens=600)
+
+    async def prefill() -> None:
+        client = aioredis.Redis.from_url(workers.url)
+        try:
+            memory = ConversationMemory(client, workers.prefix, memory_cfg, window)
+            for i in range(22):
+                await memory.append("ada", "user", f"Question {i}: tell me more about tea "
+                                                   f"and travel, please, in detail.")
+                await memory.append("ada", "assistant", f"Answer {i}: " + "words " * 30)
+        finally:
+            await client.aclose()
+
+    asyncio.run(prefill())  # 44 messages: above the trigger (40)
+    keys = start_llm(workers, server, VOICEBUS_CONTEXT_WINDOW__MAX_TOKENS="600")
+    session, turn = say(sync_redis, keys, "ada", "When should I go to Lisbon?")
+    answered(sync_redis, keys, session, turn)
+    # The reply went out first; then the summary was asked for, off the critical path.
+    wait_for(lambda: len(server.requests) >= 2, timeout=15, what="the summary request")
+    ask_summary = server.requests[1].body["messages"]
+    assert ask_summary[0]["content"] == INSTRUCTIONS
+    assert "Question 0: tell me more" in ask_summary[1]["content"]
+    # 46 messages, the last 10 kept verbatim: the first 36 (Question 0 .. Answer 17).
+    assert "Answer 17:" in ask_summary[1]["content"]
+    assert "Question 18:" not in ask_summary[1]["content"]
+    # The reply's prompt stayed within the budget, history included.
+    assert prompt_tokens(server.requests[0].body["messages"]) <= 600
+    assert server.requests[0].body["messages"][-1]["content"] == "When should I go to Lisbon?"
+
+    def summarized() -> bool:
+        return sync_redis.get(keys.user_summary("ada")) == summary.encode()
+    wait_for(summarized, timeout=10, what="the summary stored")
+    msgs = history(workers.url, workers.prefix, "ada")
+    assert len(msgs) == memory_cfg.summarization.keep_recent
+    assert msgs[-1].content == "Lisbon is lovely in May."
+
+    async def next_prompt() -> list[dict[str, str]]:
+        client = aioredis.Redis.from_url(workers.url)
+        try:
+            return await ConversationMemory(client, workers.prefix, memory_cfg,
+                                            window).prompt("ada", SYSTEM, "And the food?")
+        finally:
+            await client.aclose()
+
+    prompt = asyncio.run(next_prompt())
+    assert summary in prompt[1]["content"]
+    assert prompt_tokens(prompt) <= 600
