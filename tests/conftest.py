@@ -51,6 +51,16 @@ def redis_url() -> Iterator[str]:
             yield server.url
 
 
+@pytest.fixture(scope="session")
+def local_llm_url() -> Iterator[str]:
+    """The real local LLM (llama.cpp serving the shipped Qwen2.5 GGUF), started once."""
+    from workers.backends.local_llm import LocalLlmServer
+    from workers.config import LlmConfig
+
+    with LocalLlmServer(LlmConfig()) as server:
+        yield server.url
+
+
 @pytest.fixture
 def prefix(redis_url: str) -> Iterator[str]:
     """A key prefix no other test uses; its keys are deleted afterwards."""

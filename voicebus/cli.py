@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+from workers.backends.local_llm import LocalLlmError
 from workers.config import Config, ConfigError, load_config
 from workers.logs import setup_logging
 from workers.redis_server import RedisLaunchError
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log.level, config.log.format, component=component)
     try:
         return COMMANDS[args.command](args, config)
-    except RedisLaunchError as exc:
+    except (RedisLaunchError, LocalLlmError) as exc:
         print(f"voicebus: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -73,11 +75,19 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         if not config.redis.url:
             log.warning("no REDIS_URL: started a private redis-server at %s; "
                         "other workers can join with REDIS_URL=%s", url, url)
-        worker = build_worker(args.stage, config, url)
-        try:
-            asyncio.run(worker.run(install_signals=True))
-        except asyncio.CancelledError:  # a second Ctrl-C: stopped without waiting
-            return 130
+        with contextlib.ExitStack() as stack:
+            if args.stage == "llm" and config.llm.backend == "openai" and not config.llm.base_url:
+                from workers.backends.local_llm import LocalLlmServer
+
+                log.info("no llm.base_url: starting a local LLM server for this worker")
+                endpoint = stack.enter_context(LocalLlmServer(config.llm)).url
+                config = config.model_copy(update={
+                    "llm": config.llm.model_copy(update={"base_url": endpoint})})
+            worker = build_worker(args.stage, config, url)
+            try:
+                asyncio.run(worker.run(install_signals=True))
+            except asyncio.CancelledError:  # a second Ctrl-C: stopped without waiting
+                return 130
     return 0
 
 
@@ -120,7 +130,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 def cmd_up(args: argparse.Namespace, config: Config) -> int:
     from voicebus.supervisor import Supervisor
 
-    supervisor = Supervisor(config.redis.url, config_path=args.config)
+    supervisor = Supervisor(config.redis.url, config_path=args.config, llm=config.llm)
     supervisor.start()
     print(f"voicebus is up: REDIS_URL={supervisor.url}  (Ctrl-C to stop)", file=sys.stderr)
     try:
@@ -141,7 +151,7 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     except DemoError as exc:
         print(f"voicebus demo: {exc}", file=sys.stderr)
         return 2
-    with running(config.redis.url, config_path=args.config) as bus:
+    with running(config.redis.url, config_path=args.config, llm=config.llm) as bus:
         reports = asyncio.run(play_all(bus.url, config.redis.key_prefix, wavs))
     print_reports(reports, args.json)
     return 0 if all(r.ok for r in reports) else 1

@@ -1,9 +1,12 @@
-"""Run the whole bus on one machine: Redis plus one process per worker stage.
+"""Run the whole bus on one machine: Redis, the local LLM server, one process per stage.
 
 Each worker is its own OS process (exactly what an operator would start on
 separate machines), with its output folded into one readable log. A worker
 that dies is restarted with back-off; Ctrl-C or SIGTERM stops them all
 gracefully (each finishes its in-flight work first).
+
+Unless an LLM endpoint is configured, one local LLM server (llama.cpp) is started
+for all LLM workers; it loads while the other workers load their models.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
+from workers.backends.local_llm import LocalLlmServer
+from workers.config import LlmConfig
 from workers.redis_server import EmbeddedRedis
 
 log = logging.getLogger("voicebus.up")
@@ -30,12 +35,15 @@ STAGES = ("vad", "asr", "llm", "tts")
 class Supervisor:
     def __init__(self, redis_url: str | None, *, stages: Sequence[str] = STAGES,
                  config_path: str | None = None, log_stream: IO[str] | None = None,
-                 restart: bool = True) -> None:
+                 restart: bool = True, llm: LlmConfig | None = None) -> None:
         self.configured_url = redis_url
         self.stages = list(stages)
         self.config_path = config_path
         self.log_stream = log_stream if log_stream is not None else sys.stderr
         self.restart = restart
+        self.llm = llm or LlmConfig()
+        self.llm_url: str | None = None  # the local LLM server's, when we start one
+        self._llm_server: LocalLlmServer | None = None
         self.url = ""
         self._redis: EmbeddedRedis | None = None
         self._procs: dict[str, subprocess.Popen[str]] = {}
@@ -52,8 +60,20 @@ class Supervisor:
             self._redis = EmbeddedRedis()
             self.url = self._redis.start()
             self._say("redis", f"private redis-server at {self.url} (set REDIS_URL to use yours)")
-        for stage in self.stages:
-            self._spawn(stage)
+        try:
+            for stage in self.stages:
+                if stage != "llm":
+                    self._spawn(stage)
+            if "llm" in self.stages:
+                if self.llm.backend == "openai" and not self.llm.base_url:
+                    self._say("llama", "loading the local LLM (set llm.base_url to use yours)")
+                    self._llm_server = LocalLlmServer(self.llm)
+                    self.llm_url = self._llm_server.start()
+                    self._say("llama", f"local LLM server ready at {self.llm_url}")
+                self._spawn("llm")
+        except BaseException:
+            self.stop()
+            raise
         deadline = time.monotonic() + timeout
         for stage, ready in self._started.items():
             if not ready.wait(max(0.0, deadline - time.monotonic())):
@@ -78,6 +98,9 @@ class Supervisor:
                 self._say(stage, "did not stop in time; killing it")
                 proc.kill()
                 proc.wait()
+        if self._llm_server is not None:
+            self._llm_server.stop()
+            self._llm_server = None
         if self._redis is not None:
             self._redis.stop()
             self._redis = None
@@ -99,6 +122,8 @@ class Supervisor:
     # -- processes -------------------------------------------------------
     def _spawn(self, stage: str) -> None:
         env = {**os.environ, "REDIS_URL": self.url, "PYTHONUNBUFFERED": "1"}
+        if self.llm_url:
+            env["VOICEBUS_LLM__BASE_URL"] = self.llm_url
         if self.config_path:
             env["VOICEBUS_CONFIG"] = str(Path(self.config_path).resolve())
         proc = subprocess.Popen(

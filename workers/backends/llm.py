@@ -11,9 +11,12 @@ the worker decides about retries and apologies, the backend never retries.
 
 * ``OpenAIChat``: any OpenAI-compatible ``/v1/chat/completions`` endpoint, through
   ``openai.AsyncOpenAI`` with ``stream=True`` and ``max_retries=0``.
-* ``EchoLlm``: no endpoint configured (``llm.base_url`` unset): repeats the user's
-  words, streamed word by word through the same chunking and emitting path. A
-  stand-in until the local llama server lands (issue 4).
+* ``EchoLlm`` (``llm.backend: echo``): no model; repeats the user's words, streamed
+  word by word through the same chunking and emitting path (for wiring tests and
+  machines without the local model).
+
+With ``llm.backend: openai`` and no ``llm.base_url``, the caller starts the local
+server first (``workers.backends.local_llm.llm_endpoint``) and passes its URL.
 """
 
 from __future__ import annotations
@@ -105,13 +108,11 @@ class EchoLlm:
             yield piece
 
 
-NO_ENDPOINT = ("no LLM endpoint configured (llm.base_url): echoing the user "
-               "(the local server lands with issue 4); set VOICEBUS_LLM__BASE_URL to an "
-               "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
-
-
 def load_backend(config: LlmConfig) -> ChatBackend:
-    if config.base_url is None:
-        log.warning(NO_ENDPOINT)
+    if config.backend == "echo":
+        log.warning("llm.backend is echo: replies repeat the user, no model is asked")
         return EchoLlm()
+    if not config.base_url:
+        raise ValueError("llm.base_url is unset: start the local server first "
+                         "(voicebus worker llm and voicebus up do) or set an endpoint")
     return OpenAIChat(config.base_url, config.api_key, config.model, config.timeout)

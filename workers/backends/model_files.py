@@ -153,7 +153,7 @@ def _packaged(name: str, cache: Path, tried: list[str]) -> ResolvedModel | None:
 def _split(spec: SplitModel, cache: Path, tried: list[str]) -> ResolvedModel | None:
     name = spec.name
     target = cache / f"whisper-{spec.name}-{spec.sha256['model.bin'][:12]}"
-    if _is_verified(target, spec.sha256):
+    if is_verified(target, spec.sha256):
         return ResolvedModel(name, target, f"cache {target} (assembled earlier)")
     try:
         parts = [packaged_path(p) for p in spec.parts]
@@ -249,8 +249,8 @@ def sha256_of(paths: Iterable[Path]) -> tuple[str, int]:
 
 
 def assemble(parts: Sequence[Path], files: Sequence[Path], sha256: Mapping[str, str],
-             target: Path) -> Path:
-    """Join ``parts`` into ``target/model.bin``, copy ``files`` beside it, verify every
+             target: Path, *, joined: str = "model.bin", what: str = "ASR model") -> Path:
+    """Join ``parts`` into ``target/<joined>``, copy ``files`` beside it, verify every
     file against ``sha256``; atomic: built in a temporary directory next to ``target``
     and renamed into place, so a crash or a mismatch never leaves a half-built model.
 
@@ -258,11 +258,11 @@ def assemble(parts: Sequence[Path], files: Sequence[Path], sha256: Mapping[str, 
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    log.info("assembling ASR model %s from %d parts (once)", target.name, len(parts))
+    log.info("assembling %s %s from %d parts (once)", what, target.name, len(parts))
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         digest = hashlib.sha256()
-        with (tmp / "model.bin").open("wb") as out:
+        with (tmp / joined).open("wb") as out:
             for part in parts:
                 with part.open("rb") as f:
                     while chunk := f.read(_CHUNK):
@@ -270,7 +270,7 @@ def assemble(parts: Sequence[Path], files: Sequence[Path], sha256: Mapping[str, 
                         out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        got = {"model.bin": digest.hexdigest()}
+        got = {joined: digest.hexdigest()}
         for file in files:
             shutil.copyfile(file, tmp / file.name)
             got[file.name] = sha256_of([tmp / file.name])[0]
@@ -284,7 +284,7 @@ def assemble(parts: Sequence[Path], files: Sequence[Path], sha256: Mapping[str, 
         try:
             tmp.rename(target)
         except OSError:
-            if not _is_verified(target, sha256):
+            if not is_verified(target, sha256):
                 raise
             log.info("%s was assembled by another process meanwhile; using it", target)
         else:
@@ -295,7 +295,7 @@ def assemble(parts: Sequence[Path], files: Sequence[Path], sha256: Mapping[str, 
             shutil.rmtree(tmp)
 
 
-def _is_verified(target: Path, sha256: Mapping[str, str]) -> bool:
+def is_verified(target: Path, sha256: Mapping[str, str]) -> bool:
     """Assembled before (the marker is written last, after every hash matched)."""
     try:
         marker = (target / _VERIFIED).read_text(encoding="utf-8")

@@ -1,0 +1,93 @@
+"""The local LLM voicebus starts itself: the GGUF assembled from its packages and
+verified, a real llama.cpp server, and the LLM stage answering (and remembering)
+with it through real Redis."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from schemas import TextChunk, Transcript
+from tests.busutil import publish, read_all
+from tests.conftest import WorkerProcs, wait_for
+from workers.backends.local_llm import (
+    GGUF_NAME,
+    GGUF_PARTS,
+    GGUF_SHA256,
+    LocalLlmError,
+    gguf_path,
+)
+from workers.backends.model_files import ModelIntegrityError, assemble, packaged_path
+from workers.config import LlmConfig, LocalLlmConfig
+from workers.keys import Keys
+
+
+def test_the_packaged_model_is_assembled_once_and_verified(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOICEBUS_CACHE", str(tmp_path))
+    path = gguf_path(LlmConfig())
+    assert path.name == GGUF_NAME and path.stat().st_size == 1_117_320_768
+    with path.open("rb") as f:
+        assert f.read(4) == b"GGUF"
+    assert GGUF_SHA256 in (path.parent / ".verified").read_text()
+    made = path.stat().st_mtime_ns
+    assert gguf_path(LlmConfig()) == path  # reused, not rebuilt
+    assert path.stat().st_mtime_ns == made
+    assert [p.name for p in tmp_path.iterdir()] == [path.parent.name]  # no temp left over
+
+
+def test_parts_that_do_not_match_the_pinned_hash_are_refused(tmp_path: Path) -> None:
+    parts = [packaged_path(p) for p in GGUF_PARTS[:2]]  # an incomplete model
+    target = tmp_path / "model"
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        assemble(parts, [], {GGUF_NAME: GGUF_SHA256}, target, joined=GGUF_NAME, what="LLM")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_configured_model_path_must_exist(tmp_path: Path) -> None:
+    config = LlmConfig(local=LocalLlmConfig(model_path=str(tmp_path / "nope.gguf")))
+    with pytest.raises(LocalLlmError, match="not a file"):
+        gguf_path(config)
+
+
+def ask(r: redis.Redis, keys: Keys, user: str, text: str) -> list[TextChunk]:
+    session, turn = f"s{uuid.uuid4().hex[:8]}", f"t{uuid.uuid4().hex[:8]}"
+    publish(r, keys.queue("llm"), Transcript(session_id=session, turn_id=turn, text=text,
+                                             user_id=user))
+
+    def done() -> list[TextChunk] | None:
+        got = [e for e in read_all(r, keys.out(session)) if isinstance(e, TextChunk)]
+        return got if any(c.last for c in got) else None
+    found: list[TextChunk] = wait_for(done, timeout=60, what="the reply")
+    return found
+
+
+def test_a_worker_without_an_endpoint_starts_the_local_model(
+        workers: WorkerProcs, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VOICEBUS_LLM__BASE_URL", raising=False)
+    assert "VOICEBUS_LLM__BASE_URL" not in os.environ
+    workers.start_cli("llm", VOICEBUS_LLM__TEMPERATURE="0")
+    keys = Keys(workers.prefix)
+    chunks = ask(sync_redis, keys, "u1", "What is the capital of France? One short sentence.")
+    assert "paris" in " ".join(c.text for c in chunks).lower()
+    logs = workers.logs()
+    assert "starting the local LLM server" in logs and "local LLM server ready" in logs
+
+
+def test_the_real_model_remembers_the_users_name(
+        workers: WorkerProcs, sync_redis: redis.Redis, local_llm_url: str) -> None:
+    workers.start_cli("llm", VOICEBUS_LLM__BASE_URL=local_llm_url,
+                      VOICEBUS_LLM__TEMPERATURE="0")
+    keys = Keys(workers.prefix)
+    ask(sync_redis, keys, "ada", "Hi! My name is Ada and I love green tea.")
+    wait_for(lambda: sync_redis.llen(keys.user_messages("ada")) >= 2, timeout=10,
+             what="the first turn stored")
+    second = ask(sync_redis, keys, "ada", "What is my name?")
+    assert "ada" in " ".join(c.text for c in second).lower()
+    # Another user was never told.
+    other = ask(sync_redis, keys, "bob", "What is my name?")
+    assert "ada" not in " ".join(c.text for c in other).lower()
