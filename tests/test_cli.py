@@ -37,7 +37,7 @@ def test_demo_runs_the_bus_end_to_end_on_a_machine_without_redis_url(tmp_path: P
     wavs = [samples / "cmu_goforward.wav", samples / "cmu_arctic_slt_a0009.wav"]
     result = subprocess.run(
         [sys.executable, "-m", "voicebus", "demo", "--json", *map(str, wavs)],
-        cwd=tmp_path, text=True, capture_output=True, timeout=120, env=env)
+        cwd=tmp_path, text=True, capture_output=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr
     turns = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(turns) == 2
@@ -49,7 +49,7 @@ def test_demo_runs_the_bus_end_to_end_on_a_machine_without_redis_url(tmp_path: P
     assert "turned sharply" in heard[1] and "table" in heard[1]
     for turn in turns:
         assert turn["answered"] and turn["turn_id"]
-        assert turn["reply"].startswith("You said:")  # the LLM stage is still an echo (#4)
+        assert len(turn["reply"].split()) >= 2  # the local model answered
         assert turn["audio_seconds"] > 0
         assert turn["turn_rule"] == "smart_turn"
         lat = turn["latency_ms"]

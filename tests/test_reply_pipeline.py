@@ -1,0 +1,71 @@
+"""The back half end to end: a final transcript through real Redis, the real local LLM
+(llama.cpp, Qwen2.5 1.5B) and real Piper, in separate ``voicebus worker`` processes.
+The audio that comes out is decoded and transcribed back with the ASR model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+
+from schemas import AudioChunk, TextChunk, Transcript
+from tests.busutil import publish, read_all
+from tests.conftest import WorkerProcs, wait_for
+from tests.transcripts import wer
+from workers.backends.asr import FasterWhisperRecognizer
+from workers.backends.model_files import resolve_model
+from workers.keys import Keys
+
+QUESTION = "In two or three short sentences, tell me why people like to keep cats as pets."
+
+
+@pytest.mark.timeout(300)
+def test_a_transcript_becomes_streamed_text_and_speech(
+        workers: WorkerProcs, sync_redis: redis.Redis, local_llm_url: str) -> None:
+    workers.start_cli("llm", VOICEBUS_LLM__BASE_URL=local_llm_url,
+                      VOICEBUS_LLM__TEMPERATURE="0")
+    workers.start_cli("tts")
+    keys = Keys(workers.prefix)
+    publish(sync_redis, keys.queue("llm"), Transcript(
+        session_id="s1", turn_id="t1", text=QUESTION, user_id="u1"))
+
+    def events() -> list[TextChunk | AudioChunk]:
+        return [e for e in read_all(sync_redis, keys.out("s1"))  # type: ignore[misc]
+                if isinstance(e, TextChunk | AudioChunk)]
+
+    wait_for(lambda: any(isinstance(e, AudioChunk) and e.last for e in events()), timeout=120,
+             what="the reply's last audio chunk")
+    got = events()
+    texts = [e for e in got if isinstance(e, TextChunk)]
+    audio = [e for e in got if isinstance(e, AudioChunk)]
+
+    # Text: in order, one last chunk; more than one chunk, so streaming can show.
+    assert [t.seq for t in texts] == list(range(len(texts)))
+    assert [t.last for t in texts] == [False] * (len(texts) - 1) + [True]
+    reply = " ".join(t.text for t in texts if t.text)
+    assert len([t for t in texts if t.text]) >= 2, reply
+
+    # Audio: every text chunk spoken, each (seq, part) once, one final part per chunk.
+    order = sorted((a.seq, a.part) for a in audio)
+    assert len(order) == len(set(order))
+    for t in texts:
+        parts = sorted(a.part for a in audio if a.seq == t.seq)
+        assert parts == list(range(len(parts))), (t.seq, parts)
+        assert sum(a.final_part for a in audio if a.seq == t.seq) == 1
+    assert [a.last for a in audio].count(True) == 1
+    assert all(a.sample_rate == 24_000 for a in audio)
+
+    # Streaming: the first audio existed before the model had finished the reply.
+    first_audio = min(a.created_ns for a in audio if a.pcm)
+    assert first_audio < texts[-1].created_ns, "TTS waited for the whole reply"
+
+    # The audio decodes, and says the reply.
+    ordered = sorted(audio, key=lambda a: (a.seq, a.part))
+    pcm = b"".join(a.pcm for a in ordered)
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+    assert len(samples) / 24_000 > 1.0
+    assert float(np.sqrt(np.mean(samples ** 2))) > 0.01
+    model = resolve_model("tiny.en")
+    heard = FasterWhisperRecognizer(model.path, device="cpu", compute_type="int8",
+                                    cpu_threads=2).transcribe(pcm, 24_000).text
+    assert wer(reply, heard) <= 0.35, (reply, heard)
