@@ -11,10 +11,19 @@ import redis
 from schemas import AudioChunk, TextChunk, Transcript
 from tests.busutil import publish, read_all
 from tests.conftest import WorkerProcs, wait_for
+from tests.support.openai_server import Script, ScriptedOpenAI
 from tests.transcripts import wer
 from workers.backends.asr import FasterWhisperRecognizer
 from workers.backends.model_files import resolve_model
+from workers.config import LlmConfig
 from workers.keys import Keys
+
+
+def tiny_en() -> FasterWhisperRecognizer:
+    """The ASR model, to hear what the agent said."""
+    model = resolve_model("tiny.en")
+    return FasterWhisperRecognizer(model.path, device="cpu", compute_type="int8", cpu_threads=2)
+
 
 QUESTION = "In two or three short sentences, tell me why people like to keep cats as pets."
 
@@ -65,7 +74,28 @@ def test_a_transcript_becomes_streamed_text_and_speech(
     samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
     assert len(samples) / 24_000 > 1.0
     assert float(np.sqrt(np.mean(samples ** 2))) > 0.01
-    model = resolve_model("tiny.en")
-    heard = FasterWhisperRecognizer(model.path, device="cpu", compute_type="int8",
-                                    cpu_threads=2).transcribe(pcm, 24_000).text
+    heard = tiny_en().transcribe(pcm, 24_000).text
     assert wer(reply, heard) <= 0.35, (reply, heard)
+
+
+def test_a_hung_model_gets_a_spoken_apology_within_the_timeout(
+        workers: WorkerProcs, sync_redis: redis.Redis) -> None:
+    with ScriptedOpenAI([Script.hang(30)]) as server:
+        workers.start_cli("llm", VOICEBUS_LLM__BASE_URL=server.url, VOICEBUS_LLM__TIMEOUT="1.5")
+        workers.start_cli("tts")
+        keys = Keys(workers.prefix)
+        sent = Transcript(session_id="s2", turn_id="t1", text="Are you there?", user_id="u2")
+        publish(sync_redis, keys.queue("llm"), sent)
+
+        def audio() -> list[AudioChunk]:
+            return [e for e in read_all(sync_redis, keys.out("s2"))  # type: ignore[misc]
+                    if isinstance(e, AudioChunk)]
+
+        wait_for(lambda: any(a.last for a in audio()), timeout=20, what="the apology's audio")
+    chunks = sorted(audio(), key=lambda a: (a.seq, a.part))
+    assert chunks[0].text == LlmConfig().apology
+    first = min(a.created_ns for a in chunks if a.pcm)
+    assert (first - sent.created_ns) / 1e9 < 1.5 + 1.0  # the timeout, then speech at once
+    pcm = b"".join(a.pcm for a in chunks)
+    heard = tiny_en().transcribe(pcm, 24_000).text
+    assert wer(LlmConfig().apology, heard) <= 0.35, heard
