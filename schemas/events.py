@@ -153,6 +153,9 @@ class TextChunk(TurnEvent, frozen=True, kw_only=True, tag="text_chunk"):
 
     text: Text
     last: bool = False
+    # On the reply's first chunk: the model's time to first token (the LLM stage's
+    # own measure, for the turn's latency breakdown).
+    ttft_ms: Annotated[float, Meta(ge=0)] | None = None
 
 
 class AudioChunk(TurnEvent, frozen=True, kw_only=True, tag="audio_chunk"):

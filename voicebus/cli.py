@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sessions", action="store_true", help="list per-session streams one by one")
     s.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
 
-    sub.add_parser("up", help="start Redis and one worker per stage, until Ctrl-C")
+    sub.add_parser("up", help="start Redis, the local LLM, one worker per stage and the "
+                              "gateway, until Ctrl-C")
+    sub.add_parser("gateway", help="run the WebSocket gateway edge devices connect to")
 
     d = sub.add_parser("demo", help="run the bus and play sample utterances through it")
     d.add_argument("wavs", nargs="*", type=Path, metavar="WAV",
@@ -151,7 +153,9 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     except DemoError as exc:
         print(f"voicebus demo: {exc}", file=sys.stderr)
         return 2
-    with running(config.redis.url, config_path=args.config, llm=config.llm) as bus:
+    # The demo's gateway takes any free port: a `voicebus up` may hold the configured one.
+    with running(config.redis.url, config_path=args.config, llm=config.llm,
+                 env={"VOICEBUS_GATEWAY__PORT": "0"}) as bus:
         reports = asyncio.run(play_all(bus.url, config.redis.key_prefix, wavs))
     print_reports(reports, args.json)
     return 0 if all(r.ok for r in reports) else 1
@@ -173,5 +177,15 @@ def cmd_config(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-COMMANDS = {"worker": cmd_worker, "status": cmd_status, "up": cmd_up, "demo": cmd_demo,
-            "redis": cmd_redis, "config": cmd_config}
+def cmd_gateway(args: argparse.Namespace, config: Config) -> int:
+    from edge.gateway import run
+    from workers.redis_server import redis_url
+
+    with redis_url(config.redis.url) as url:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run(config, url))
+    return 0
+
+
+COMMANDS = {"gateway": cmd_gateway, "worker": cmd_worker, "status": cmd_status, "up": cmd_up,
+            "demo": cmd_demo, "redis": cmd_redis, "config": cmd_config}

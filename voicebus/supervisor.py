@@ -29,13 +29,15 @@ from workers.redis_server import EmbeddedRedis
 
 log = logging.getLogger("voicebus.up")
 
-STAGES = ("vad", "asr", "llm", "tts")
+STAGES = ("vad", "asr", "llm", "tts", "gateway")
+READY = {"gateway": "gateway listening on "}  # the log line that says a process is ready
 
 
 class Supervisor:
     def __init__(self, redis_url: str | None, *, stages: Sequence[str] = STAGES,
                  config_path: str | None = None, log_stream: IO[str] | None = None,
-                 restart: bool = True, llm: LlmConfig | None = None) -> None:
+                 restart: bool = True, llm: LlmConfig | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.configured_url = redis_url
         self.stages = list(stages)
         self.config_path = config_path
@@ -43,6 +45,8 @@ class Supervisor:
         self.restart = restart
         self.llm = llm or LlmConfig()
         self.llm_url: str | None = None  # the local LLM server's, when we start one
+        self.gateway_url = ""  # ws://host:port/v1/session, once the gateway listens
+        self.env = dict(env or {})  # extra environment for every process
         self._llm_server: LocalLlmServer | None = None
         self.url = ""
         self._redis: EmbeddedRedis | None = None
@@ -121,13 +125,14 @@ class Supervisor:
 
     # -- processes -------------------------------------------------------
     def _spawn(self, stage: str) -> None:
-        env = {**os.environ, "REDIS_URL": self.url, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "REDIS_URL": self.url, "PYTHONUNBUFFERED": "1"}
         if self.llm_url:
             env["VOICEBUS_LLM__BASE_URL"] = self.llm_url
         if self.config_path:
             env["VOICEBUS_CONFIG"] = str(Path(self.config_path).resolve())
+        command = ["gateway"] if stage == "gateway" else ["worker", stage]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "voicebus", "worker", stage],
+            [sys.executable, "-m", "voicebus", *command],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, env=env, start_new_session=True)  # Ctrl-C reaches us, not them
         ready = self._started.setdefault(stage, threading.Event())
@@ -137,8 +142,11 @@ class Supervisor:
 
     def _pump(self, stage: str, proc: subprocess.Popen[str], ready: threading.Event) -> None:
         assert proc.stdout is not None
+        marker = READY.get(stage, ": started (group")
         for line in proc.stdout:
-            if ": started (group" in line:
+            if marker in line:
+                if stage == "gateway":
+                    self.gateway_url = line.split(marker, 1)[1].split()[0]
                 ready.set()
             self._say(stage, line.rstrip("\n"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
@@ -28,6 +29,9 @@ class CancelLane:
         self._cancelled: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._waiters: dict[tuple[str, str], asyncio.Event] = {}
         self._last_seen: str | None = None  # control-stream position, kept across reconnects
+        # Called with (session_id, turn_id) the first time a cancel is seen (the gateway
+        # uses it to stop a session's audio the moment its turn is cancelled).
+        self.listeners: list[Callable[[str, str], None]] = []
 
     async def cancel(self, session_id: str, turn_id: str, reason: str = "") -> None:
         key = self.bus.keys.cancelled(session_id)
@@ -68,6 +72,7 @@ class CancelLane:
 
     def _remember(self, session_id: str, turn_id: str, reason: str) -> None:
         key = (session_id, turn_id)
+        new = key not in self._cancelled
         self._cancelled[key] = reason
         self._cancelled.move_to_end(key)
         while len(self._cancelled) > _LOCAL_LIMIT:
@@ -75,6 +80,9 @@ class CancelLane:
         waiter = self._waiters.get(key)
         if waiter is not None:
             waiter.set()
+        if new:
+            for listener in self.listeners:
+                listener(session_id, turn_id)
 
     async def watch(self, reader: aioredis.Redis, block_ms: int, stop: asyncio.Event) -> None:
         """Tail the control stream until ``stop`` (errors propagate to the caller's retry)."""

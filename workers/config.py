@@ -270,6 +270,22 @@ class WorkerConfig(_Section):
     # ^ how often streams are trimmed and idle consumers removed
 
 
+class GatewayConfig(_Section):
+    """The WebSocket gateway edge devices connect to (``edge/gateway.py``)."""
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8765  # 0: any free port
+    # HMAC key that signs device tokens. None: read secret_file, creating it (0600)
+    # with a random key on first use, so `voicebus up` and `voicebus token` agree.
+    secret: str | None = Field(default=None, min_length=16)
+    secret_file: str = "~/.config/voicebus/gateway.secret"
+    token_ttl_s: PositiveInt = 3600  # lifetime of a token from `voicebus token`
+    # AudioFrame caps a frame at 128 KiB.
+    max_frame_bytes: Annotated[int, Field(ge=1024, le=131_072)] = 65536
+    max_frames_per_s: PositiveInt = 100  # 20 ms frames are 50/s
+    max_session_s: PositiveFloat = 3600.0
+    idle_timeout_s: PositiveFloat = 60.0  # no frame from the device for this long: closed
+
+
 class TracingConfig(_Section):
     """OpenTelemetry spans; written locally as JSON lines when no OTLP endpoint is set."""
     enabled: bool = True
@@ -301,6 +317,7 @@ class Config(_Section):
     context_window: ContextWindowConfig = Field(default_factory=ContextWindowConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 

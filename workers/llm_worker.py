@@ -104,6 +104,11 @@ class _Turn:
     spoken: list[str] = field(default_factory=list)  # texts of the chunks emitted
     outcome: str = ""  # "ok", "broken", "apology", "cancelled"
 
+    def ttft_ms(self) -> float | None:
+        if self.first_token is None:
+            return None
+        return round((self.first_token - self.started) * 1000, 1)
+
     def metrics(self, outcome: str) -> str:
         if self.first_token is None:
             return (f"ttft - ms, 0 tokens, {self.chunks} chunks, {self.attempts} attempt(s): "
@@ -267,7 +272,8 @@ class LlmStage:
                         for text in chunker.push(token):
                             if ctx.cancelled():
                                 raise _Cancelled
-                            for emit in _chunk(ctx, event, turn.chunks, text, last=False):
+                            for emit in _chunk(ctx, event, turn.chunks, text, last=False,
+                                               ttft_ms=turn.ttft_ms()):
                                 yield emit
                             turn.chunks += 1
                             turn.spoken.append(text)
@@ -334,14 +340,17 @@ class LlmStage:
         if ctx.cancelled():
             return
         for i, text in enumerate(rest or [""]):
-            yield from _chunk(ctx, event, turn.chunks, text, last=i == max(len(rest), 1) - 1)
+            yield from _chunk(ctx, event, turn.chunks, text, last=i == max(len(rest), 1) - 1,
+                              ttft_ms=turn.ttft_ms())
             turn.chunks += 1
             turn.spoken.append(text)
 
 
-def _chunk(ctx: Context, event: Transcript, seq: int, text: str, *, last: bool) -> Iterator[Emit]:
+def _chunk(ctx: Context, event: Transcript, seq: int, text: str, *, last: bool,
+           ttft_ms: float | None = None) -> Iterator[Emit]:
     chunk = TextChunk(session_id=event.session_id, turn_id=event.turn_id, seq=seq, text=text,
-                      last=last, traceparent=event.traceparent, tracestate=event.tracestate)
+                      last=last, ttft_ms=ttft_ms if seq == 0 else None,
+                      traceparent=event.traceparent, tracestate=event.tracestate)
     yield Emit(ctx.keys.queue("tts"), chunk)
     yield Emit(ctx.keys.out(event.session_id), chunk)
 

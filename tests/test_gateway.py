@@ -1,0 +1,323 @@
+"""The gateway as devices and the bus see it: a real WebSocket server on a real port,
+real Redis, raw WebSocket clients (the protocol, byte for byte). The bus side is
+played by publishing the events the workers would publish (out streams, the cancel
+lane), so ordering, de-duplication, barge-in and limits are tested exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from edge import protocol
+from edge.auth import mint
+from edge.gateway import Gateway
+from schemas import (
+    AudioChunk,
+    AudioFrame,
+    SessionEnded,
+    SessionStarted,
+    SpeechStarted,
+    TextChunk,
+    Transcript,
+    TurnEnded,
+    decode,
+    encode,
+)
+from workers.bus import FIELD, Bus
+from workers.cancel import CancelLane
+from workers.config import Config, GatewayConfig, RedisConfig
+from workers.keys import Keys
+from workers.memory import ConversationMemory
+
+SECRET = "test-secret-0123456789abcdef"
+
+
+@pytest.fixture
+async def gateway(redis_url: str, prefix: str) -> AsyncIterator[Gateway]:
+    config = Config(redis=RedisConfig(url=redis_url, key_prefix=prefix),
+                    gateway=GatewayConfig(port=0, secret=SECRET, max_frames_per_s=60,
+                                          idle_timeout_s=2.0, max_frame_bytes=8192))
+    gw = Gateway(config, redis_url)
+    await gw.start()
+    yield gw
+    await gw.close()
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(redis_url)
+    yield c
+    await c.aclose()
+
+
+def url_of(gw: Gateway, token: str | None = None) -> str:
+    assert gw.server is not None
+    port = gw.server.sockets[0].getsockname()[1]
+    query = f"?token={token}" if token else ""
+    return f"ws://127.0.0.1:{port}{protocol.PATH}{query}"
+
+
+async def open_session(gw: Gateway, user: str = "alice",
+                       rate: int = 16000) -> tuple[ClientConnection, dict[str, Any]]:
+    ws = await connect(url_of(gw), additional_headers={
+        "Authorization": f"Bearer {mint(SECRET.encode(), user, 60)}"})
+    await ws.send(json.dumps({"type": "start", "sample_rate": rate}))
+    ready = json.loads(await ws.recv())
+    assert ready["type"] == "ready" and ready["user_id"] == user
+    return ws, ready
+
+
+async def publish(c: aioredis.Redis, stream: str, *events: Any) -> None:
+    for event in events:
+        await c.xadd(stream, {FIELD: encode(event)})
+
+
+async def receive(ws: ClientConnection, until: str, wait_s: float = 10.0) -> list[Any]:
+    """Messages (JSON dicts and audio bytes) up to and including a message of type ``until``."""
+    got: list[Any] = []
+    async with asyncio.timeout(wait_s):
+        while True:
+            message = await ws.recv()
+            got.append(json.loads(message) if isinstance(message, str) else message)
+            if isinstance(got[-1], dict) and got[-1]["type"] == until:
+                return got
+
+
+def pcm(value: int, samples: int) -> bytes:
+    return value.to_bytes(2, "little", signed=True) * samples
+
+
+def chunk(sid: str, turn: str, seq: int, part: int, value: int, *, final: bool = True,
+          last: bool = False) -> AudioChunk:
+    return AudioChunk(session_id=sid, turn_id=turn, seq=seq, part=part, final_part=final,
+                      last=last, sample_rate=24000, pcm=pcm(value, 240))
+
+
+# -- the handshake ---------------------------------------------------------------------
+@pytest.mark.parametrize("token, why", [
+    (None, "no token"),
+    ("not-a-token", "malformed"),
+    (mint(b"another-secret-that-is-long", "alice", 60), "bad signature"),
+    (mint(SECRET.encode(), "alice", 60, now=time.time() - 3600), "expired"),
+])
+async def test_bad_tokens_are_refused_at_the_handshake(gateway: Gateway, token: str | None,
+                                                       why: str) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(url_of(gateway, token))
+    assert refused.value.response.status_code == 401
+    assert why in refused.value.response.body.decode()
+
+
+async def test_a_tampered_token_is_refused(gateway: Gateway) -> None:
+    good = mint(SECRET.encode(), "alice", 60)
+    payload, signature = good.split(".")
+    import base64
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    body["sub"] = "bob"  # the device tries to become another user
+    forged = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(url_of(gateway, f"{forged}.{signature}"))
+    assert refused.value.response.status_code == 401
+
+
+async def test_the_session_belongs_to_the_tokens_user(gateway: Gateway,
+                                                      client: aioredis.Redis) -> None:
+    ws, ready = await open_session(gateway, "alice")
+    keys = gateway.keys
+    announced = [decode(f[FIELD]) for _i, f in await client.xrange(keys.sessions())]
+    started = [e for e in announced if isinstance(e, SessionStarted)
+               and e.session_id == ready["session_id"]]
+    assert [(e.user_id, e.sample_rate) for e in started] == [("alice", 16000)]
+    # Nothing the device sends can change the user: there is no field for it.
+    await ws.send(json.dumps({"type": "start", "sample_rate": 16000, "user_id": "bob"}))
+    with pytest.raises(ConnectionClosed) as closed:
+        await receive(ws, "never")
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_POLICY
+
+
+async def test_audio_frames_reach_the_session_in_order(gateway: Gateway,
+                                                       client: aioredis.Redis) -> None:
+    ws, ready = await open_session(gateway, rate=48000)
+    sid = ready["session_id"]
+    for i in range(20):
+        await ws.send(pcm(i, 960))
+    await ws.send(json.dumps({"type": "stop"}))
+    await ws.wait_closed()
+    events = [decode(f[FIELD]) for _i, f in await client.xrange(gateway.keys.audio(sid))]
+    frames = [e for e in events if isinstance(e, AudioFrame)]
+    assert [f.seq for f in frames] == list(range(20))
+    assert [f.pcm for f in frames] == [pcm(i, 960) for i in range(20)]
+    assert all(f.sample_rate == 48000 for f in frames)
+    assert isinstance(events[-1], SessionEnded)
+
+
+# -- out: order, once each, captions, latency -------------------------------------------
+async def test_reply_audio_is_sent_in_order_once_each(gateway: Gateway,
+                                                      client: aioredis.Redis) -> None:
+    ws, ready = await open_session(gateway)
+    sid = ready["session_id"]
+    out = gateway.keys.out(sid)
+    for _ in range(5):  # 100 ms of audio, so the speech end can be placed in time
+        await ws.send(pcm(0, 320))
+    await publish(client, out,
+                  SpeechStarted(session_id=sid, turn_id="t1", audio_ms=10),
+                  TurnEnded(session_id=sid, turn_id="t1", sample_rate=16000,
+                            speech_start_ms=10, speech_end_ms=80, decided_ms=300,
+                            rule="smart_turn"),
+                  Transcript(session_id=sid, turn_id="t1", text="hello there"),
+                  TextChunk(session_id=sid, turn_id="t1", seq=0, text="Hi.", ttft_ms=123.0),
+                  TextChunk(session_id=sid, turn_id="t1", seq=1, text="How are you?",
+                            last=True),
+                  # TTS workers finish out of order, and one part is delivered twice.
+                  chunk(sid, "t1", 1, 0, 10, final=False),
+                  chunk(sid, "t1", 0, 1, 2),
+                  chunk(sid, "t1", 0, 0, 1, final=False),
+                  chunk(sid, "t1", 0, 0, 1, final=False),
+                  chunk(sid, "t1", 1, 1, 11, last=True))
+    got = await receive(ws, "turn_done")
+    kinds = [m["type"] if isinstance(m, dict) else "pcm" for m in got]
+    assert kinds[:4] == ["speech_started", "transcript", "reply", "reply"]
+    audio = [m for m in got if isinstance(m, bytes)]
+    assert audio == [pcm(1, 240), pcm(2, 240), pcm(10, 240), pcm(11, 240)]
+    announce = [m for m in got if isinstance(m, dict) and m["type"] == "audio"]
+    assert announce == [{"type": "audio", "turn_id": "t1", "sample_rate": 24000}]
+    done = got[-1]
+    assert done["turn_id"] == "t1" and not done["interrupted"] and done["rule"] == "smart_turn"
+    lat = done["latency_ms"]
+    assert lat["llm_ttft"] == 123.0
+    assert {"turn_detect", "asr", "llm_first_text", "tts_first_chunk",
+            "end_of_speech_to_first_audio"} <= set(lat)
+    # The device played it all: the agent stopped talking, so the turn is no longer live.
+    await client.set(gateway.keys.active_turn(sid), "t1")
+    await ws.send(json.dumps({"type": "played", "turn_id": "t1", "samples": 960}))
+    for _ in range(100):
+        if not await client.exists(gateway.keys.active_turn(sid)):
+            break
+        await asyncio.sleep(0.02)
+    assert not await client.exists(gateway.keys.active_turn(sid))
+    await ws.close()
+
+
+# -- barge-in ----------------------------------------------------------------------------
+async def test_barge_in_flushes_stops_audio_and_keeps_what_was_heard(
+        gateway: Gateway, client: aioredis.Redis, prefix: str) -> None:
+    ws, ready = await open_session(gateway, "carol")
+    sid = ready["session_id"]
+    out = gateway.keys.out(sid)
+    memory = ConversationMemory(client, prefix)
+    await memory.append("carol", "user", "Tell me a story.", turn_id="t1")
+    await publish(client, out,
+                  TextChunk(session_id=sid, turn_id="t1", seq=0, text="Once upon a time."),
+                  TextChunk(session_id=sid, turn_id="t1", seq=1,
+                            text="There lived a king in a castle."),
+                  chunk(sid, "t1", 0, 0, 1), chunk(sid, "t1", 1, 0, 2))
+    got = await receive(ws, "reply")
+    while len([m for m in got if isinstance(m, bytes)]) < 2:
+        got.append(await ws.recv())
+    # The device has played chunk 0 and half of chunk 1 when the user speaks up.
+    await ws.send(json.dumps({"type": "played", "turn_id": "t1", "samples": 360}))
+    bus = Bus(client, Keys(prefix))
+    started = time.monotonic()
+    await CancelLane(bus, 60).cancel(sid, "t1", "barge-in")
+    after = await receive(ws, "turn_done")
+    flush = next(m for m in after if isinstance(m, dict) and m["type"] == "flush")
+    assert flush["turn_id"] == "t1"
+    assert after[-1]["interrupted"] is True
+    assert time.monotonic() - started < 1.0
+    # Audio of the cancelled turn published later never reaches the device.
+    await publish(client, out, chunk(sid, "t1", 2, 0, 3, last=True),
+                  SpeechStarted(session_id=sid, turn_id="t2", audio_ms=500))
+    rest = await receive(ws, "speech_started")
+    assert not any(isinstance(m, bytes) for m in rest)
+    # The LLM stage stores what it sent; the gateway narrows it to what was heard.
+    await memory.append("carol", "assistant", "Once upon a time. There lived a king in a "
+                        "castle.", turn_id="t1", interrupted=True)
+    for _ in range(100):
+        history = await memory.history("carol")
+        if history[-1].content != "Once upon a time. There lived a king in a castle.":
+            break
+        await asyncio.sleep(0.02)
+    assert history[-1].content == "Once upon a time. There lived a"
+    assert history[-1].interrupted
+    await ws.close()
+
+
+# -- limits ------------------------------------------------------------------------------
+async def test_an_oversized_frame_closes_only_that_session(gateway: Gateway) -> None:
+    ws, _ = await open_session(gateway)
+    other, _ = await open_session(gateway, "dave")
+    await ws.send(b"\0" * 10_000)
+    with pytest.raises(ConnectionClosed) as closed:
+        await receive(ws, "never")
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_TOO_BIG
+    await other.send(pcm(0, 320))  # the other device carries on
+    await other.send(json.dumps({"type": "stop"}))
+    await other.wait_closed()
+    assert other.close_code == protocol.CLOSE_NORMAL
+
+
+async def test_a_flood_is_cut_off(gateway: Gateway) -> None:
+    ws, _ = await open_session(gateway)
+    with pytest.raises(ConnectionClosed) as closed:
+        for _ in range(500):
+            await ws.send(pcm(0, 16))
+        await receive(ws, "never")
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_RATE
+    assert "too many frames" in closed.value.rcvd.reason
+
+
+async def test_an_idle_device_is_closed(gateway: Gateway) -> None:
+    ws, _ = await open_session(gateway)
+    with pytest.raises(ConnectionClosed) as closed:
+        await receive(ws, "never", wait_s=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_IDLE
+
+
+async def test_bad_messages_close_with_a_reason(gateway: Gateway) -> None:
+    for bad, words in (("{not json", "not JSON"), (json.dumps({"type": "dance"}), "unknown"),
+                       (json.dumps({"type": "start", "sample_rate": 4000}), "sample_rate")):
+        ws = await connect(url_of(gateway, mint(SECRET.encode(), "eve", 60)))
+        await ws.send(bad)
+        with pytest.raises(ConnectionClosed) as closed:
+            await receive(ws, "never")
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == protocol.CLOSE_POLICY
+        assert words in closed.value.rcvd.reason
+
+
+# -- teardown ----------------------------------------------------------------------------
+async def test_disconnect_leaves_nothing_behind(gateway: Gateway,
+                                                client: aioredis.Redis) -> None:
+    tasks_before = len(gateway.tasks)
+    ws, ready = await open_session(gateway)
+    sid = ready["session_id"]
+    await client.set(gateway.keys.active_turn(sid), "t9")
+    await ws.send(pcm(0, 320))
+    await publish(client, gateway.keys.out(sid),
+                  TextChunk(session_id=sid, turn_id="t9", seq=0, text="Still talking."))
+    await receive(ws, "reply")
+    await ws.close()
+    for _ in range(200):
+        if sid not in gateway.sessions and len(gateway.tasks) == tasks_before:
+            break
+        await asyncio.sleep(0.02)
+    assert sid not in gateway.sessions and gateway.keys.out(sid) not in gateway.positions
+    assert len(gateway.tasks) == tasks_before  # the session's tasks are gone
+    # Its live turn was cancelled, the VAD told the session ended, every key expires.
+    assert await client.hget(gateway.keys.cancelled(sid), "t9") is not None
+    audio = [decode(f[FIELD]) for _i, f in await client.xrange(gateway.keys.audio(sid))]
+    assert isinstance(audio[-1], SessionEnded)
+    keys = [k async for k in client.scan_iter(f"{gateway.keys.prefix}:{{{sid}}}*")]
+    assert keys, "the session had keys"
+    for key in keys:
+        ttl = await client.ttl(key)
+        assert ttl > 0, (key, ttl)
+    assert not await client.exists(gateway.keys.active_turn(sid))
