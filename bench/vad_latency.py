@@ -29,8 +29,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.busmic import Microphone  # noqa: E402
 from schemas import TurnEnded, decode  # noqa: E402
-from voicebus.demo import Microphone, default_wavs, read_wav  # noqa: E402
+from voicebus.demo import default_wavs, read_wav  # noqa: E402
 from workers.backends.audio import pcm16_to_float, resample  # noqa: E402
 from workers.backends.silero import SileroModel  # noqa: E402
 from workers.backends.smart_turn import SmartTurnModel, log_mel  # noqa: E402

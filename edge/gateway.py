@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import signal
 import time
 import uuid
 from collections import deque
@@ -611,16 +612,24 @@ def _bearer(headers: Headers) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def run(config: Config, redis_url: str, ready: asyncio.Event | None = None) -> None:
-    """Serve until cancelled (SIGINT/SIGTERM in ``voicebus gateway``)."""
+async def run(config: Config, redis_url: str, ready: asyncio.Event | None = None,
+              install_signals: bool = True) -> None:
+    """Serve until SIGINT/SIGTERM (or cancellation); then close every connection
+    (1001, going away: their sessions are torn down as on any disconnect)."""
     gateway = Gateway(config, redis_url)
     host, port = await gateway.start()
     log.info("gateway listening on ws://%s:%d%s (redis %s)", host, port, protocol.PATH,
              redis_url)
+    stop = asyncio.Event()
+    if install_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready.set()
     try:
-        await asyncio.Future()
+        await stop.wait()
+        log.info("stopping: closing %d device connection(s)", len(gateway.sessions))
     finally:
         await gateway.close()
         log.info("gateway stopped")

@@ -18,7 +18,7 @@ from tests.conftest import WorkerProcs, wait_for
 from tests.support.openai_server import Script, ScriptedOpenAI
 from workers.config import ContextWindowConfig, LlmConfig, MemoryConfig
 from workers.keys import Keys
-from workers.memory import INTERRUPTED_MARKER, ConversationMemory, Message, prompt_tokens
+from workers.memory import INTERRUPTED_NOTE, ConversationMemory, Message, prompt_tokens
 from workers.summarizer import INSTRUCTIONS
 
 SYSTEM = LlmConfig().system_prompt
@@ -152,8 +152,8 @@ def test_an_interrupted_reply_keeps_only_what_was_heard(
 
     changed, prompt = asyncio.run(heard())
     assert changed
-    assert prompt[2] == {"role": "assistant",
-                         "content": "Sentence number 0." + INTERRUPTED_MARKER}
+    assert prompt[2:4] == [{"role": "assistant", "content": "Sentence number 0."},
+                           {"role": "system", "content": INTERRUPTED_NOTE}]
 
 
 async def test_record_heard_either_order(redis_url: str, prefix: str) -> None:

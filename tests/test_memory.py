@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from workers.bus import connect
 from workers.config import ContextWindowConfig, MemoryConfig
 from workers.memory import (
-    INTERRUPTED_MARKER,
+    INTERRUPTED_NOTE,
     MAX_CONTENT_BYTES,
     SUMMARY_PREFIX,
     ConversationMemory,
@@ -165,11 +165,14 @@ async def test_users_isolated(mem: ConversationMemory) -> None:
     assert await mem.history("u3") == []
 
 
-async def test_interrupted_marker(mem: ConversationMemory) -> None:
+async def test_interrupted_reply_gets_a_note_not_a_marker_in_its_text(
+        mem: ConversationMemory) -> None:
     await mem.append("hal", "user", "Tell me a story.")
     await mem.append("hal", "assistant", "Once upon a time", interrupted=True)
     msgs = await mem.prompt("hal", SYSTEM, "Stop.")
-    assert msgs[2] == {"role": "assistant", "content": "Once upon a time" + INTERRUPTED_MARKER}
+    assert msgs[2:] == [{"role": "assistant", "content": "Once upon a time"},
+                        {"role": "system", "content": INTERRUPTED_NOTE},
+                        {"role": "user", "content": "Stop."}]
     assert (await mem.history("hal"))[1].interrupted
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,26 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("wavs", nargs="*", type=Path, metavar="WAV",
                    help="16-bit mono WAV files (default: the shipped samples)")
     d.add_argument("--json", action="store_true", help="one JSON object per turn on stdout")
+    d.add_argument("--out", type=Path, metavar="DIR",
+                   help="save what the agent said here (default: a new temporary directory)")
+
+    t = sub.add_parser("token", help="mint a device token for the gateway (shared secret)")
+    t.add_argument("--user", required=True, metavar="ID", help="the user the token names")
+    t.add_argument("--ttl", type=float, metavar="SECONDS",
+                   help="lifetime (default: gateway.token_ttl_s)")
+
+    k = sub.add_parser("talk", help="talk to the gateway: microphone and speaker, or WAV files")
+    k.add_argument("--url", help="ws://HOST:PORT/v1/session (default: gateway.host/port)")
+    who = k.add_mutually_exclusive_group()
+    who.add_argument("--token", default=os.environ.get("VOICEBUS_TOKEN"),
+                     help="a token from `voicebus token` (default: $VOICEBUS_TOKEN)")
+    who.add_argument("--user", metavar="ID",
+                     help="mint a token for ID from the local secret (on the gateway's machine)")
+    k.add_argument("--wav", nargs="+", type=Path, metavar="FILE",
+                   help="play these 16-bit WAVs instead of the microphone, one turn each")
+    k.add_argument("--no-wait", action="store_true",
+                   help="with --wav: stream the files back to back, not waiting for answers")
+    k.add_argument("--out", type=Path, metavar="DIR", help="save each answer as a WAV in DIR")
 
     sub.add_parser("redis", help="run a private redis-server and print its URL, until Ctrl-C")
     sub.add_parser("config", help="print the effective configuration")
@@ -143,22 +164,30 @@ def cmd_up(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
-    from voicebus.demo import DemoError, default_wavs, play_all, print_reports, read_wav
+    from edge.errors import ClientError
+    from voicebus.demo import DemoError, answered, default_wavs, print_results, read_wav, run
     from voicebus.supervisor import running
 
     wavs = args.wavs or default_wavs()
     try:
-        for wav in wavs:
-            read_wav(wav)  # refuse bad files before starting anything
+        rates = {read_wav(wav)[1] for wav in wavs}  # refuse bad files before starting anything
+        if len(rates) > 1:
+            raise DemoError(f"the WAVs must share one sample rate (got {sorted(rates)} Hz): "
+                            "a device streams at one rate")
     except DemoError as exc:
         print(f"voicebus demo: {exc}", file=sys.stderr)
         return 2
     # The demo's gateway takes any free port: a `voicebus up` may hold the configured one.
     with running(config.redis.url, config_path=args.config, llm=config.llm,
                  env={"VOICEBUS_GATEWAY__PORT": "0"}) as bus:
-        reports = asyncio.run(play_all(bus.url, config.redis.key_prefix, wavs))
-    print_reports(reports, args.json)
-    return 0 if all(r.ok for r in reports) else 1
+        try:
+            turns = asyncio.run(run(config, bus.gateway_url, wavs, args.out))
+        except ClientError as exc:
+            print(f"voicebus demo: {exc}", file=sys.stderr)
+            print_results(exc.turns, args.json, len(wavs))
+            return 1
+    print_results(turns, args.json, len(wavs))
+    return 0 if len(turns) == len(wavs) and all(answered(t) for t in turns) else 1
 
 
 def cmd_redis(args: argparse.Namespace, config: Config) -> int:
@@ -187,5 +216,18 @@ def cmd_gateway(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace, config: Config) -> int:
+    from edge.cli_commands import cmd_token
+
+    return cmd_token(args, config)
+
+
+def cmd_talk(args: argparse.Namespace, config: Config) -> int:
+    from edge.cli_commands import cmd_talk
+
+    return cmd_talk(args, config)
+
+
 COMMANDS = {"gateway": cmd_gateway, "worker": cmd_worker, "status": cmd_status, "up": cmd_up,
-            "demo": cmd_demo, "redis": cmd_redis, "config": cmd_config}
+            "demo": cmd_demo, "redis": cmd_redis, "config": cmd_config, "token": cmd_token,
+            "talk": cmd_talk}

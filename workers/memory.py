@@ -42,7 +42,10 @@ ROLES: Final = frozenset({"user", "assistant"})
 USER_ID_RE: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 MAX_CONTENT_BYTES: Final = 8 * 1024  # one spoken turn is far shorter than this
 MAX_SUMMARY_BYTES: Final = 32 * 1024
-INTERRUPTED_MARKER: Final = " [interrupted: the user did not hear the rest]"
+# After an interrupted reply, the prompt says so in a system message of its own: a
+# marker inside the assistant's text was copied into later replies by small models
+# (seen: Qwen2.5 1.5B ended a reply with "[interrupted: the user did not hear ...]").
+INTERRUPTED_NOTE: Final = "(The user interrupted the reply above; they heard only that much.)"
 SUMMARY_PREFIX: Final = "Summary of the earlier conversation: "
 # Token estimate: ~4 characters per token for English text, plus ~4 tokens of
 # chat-format overhead (role, separators) per message. Deliberately model-free
@@ -73,10 +76,12 @@ def prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
     return sum(estimate_tokens(m["content"]) for m in messages)
 
 
-def render(message: Message) -> dict[str, str]:
-    """A stored message as an OpenAI chat message."""
-    content = message.content + (INTERRUPTED_MARKER if message.interrupted else "")
-    return {"role": message.role, "content": content}
+def render(message: Message) -> list[dict[str, str]]:
+    """A stored message as OpenAI chat messages (an interrupted reply gets a note)."""
+    rendered = [{"role": message.role, "content": message.content}]
+    if message.interrupted:
+        rendered.append({"role": "system", "content": INTERRUPTED_NOTE})
+    return rendered
 
 
 def validate_user_id(user_id: str) -> str:
@@ -338,10 +343,10 @@ class ConversationMemory:
             if turn_id and msg.turn_id == turn_id:
                 continue
             rendered = render(msg)
-            cost = estimate_tokens(rendered["content"])
+            cost = prompt_tokens(rendered)
             if cost > budget:
                 break  # never skip a message and keep an older one: that would mislead
-            recent.append(rendered)
+            recent.extend(reversed(rendered))
             budget -= cost
         recent.reverse()
         return [head, *summary_msgs, *recent, tail]
