@@ -207,9 +207,10 @@ class DeviceSession:
     # -- outbound -----------------------------------------------------------
     async def pump(self) -> None:
         """Events from the session's out stream and the cancel lane, in order."""
-        while True:
-            event = await self.inbox.get()
-            await self.on_event(event)
+        with log_context(session_id=self.session_id):
+            while True:
+                event = await self.inbox.get()
+                await self.on_event(event)
 
     async def on_event(self, event: Event | TurnCancelledNotice) -> None:
         if isinstance(event, TurnCancelledNotice):
@@ -305,9 +306,12 @@ class DeviceSession:
         turn.cancelled = True
         turn.pending.clear()
         cancelled_at = time.monotonic()
-        if fully_played or not turn.sent_samples:
-            if not turn.done:  # nothing of it was played: the turn just ends
-                await self.end_turn(turn, interrupted=True)
+        if fully_played:
+            return
+        if not turn.sent_samples:  # cut off before any of it was played: the user heard nothing
+            await self.end_turn(turn, interrupted=True)
+            if turn.texts:
+                self.gateway.spawn(self.store_heard(turn))
             return
         # Audio went out: stop (nothing more is sent from here on), flush the device,
         # then store what was heard (in the background: the next turn goes on).

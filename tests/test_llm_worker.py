@@ -254,3 +254,27 @@ def test_backend_streams_deltas_and_reports_failures() -> None:
         with pytest.raises(LlmTimeout):
             _ask(server)
     assert "".join(asyncio.run(_collect(EchoLlm(), "how are you"))) == "You said: how are you"
+
+
+def test_killing_one_of_two_llm_workers_mid_reply_still_completes_the_turn(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    pieces = [f"Part {i} of the answer. " for i in range(12)]
+    server.scripts = [Script.reply(pieces, delay=0.15)]
+    first = workers.start_cli("llm", VOICEBUS_LLM__BASE_URL=server.url,
+                              VOICEBUS_LLM__TIMEOUT=str(TIMEOUT))
+    keys = Keys(workers.prefix)
+    session, _ = ask(sync_redis, keys, "tell me everything")
+
+    def out() -> list[TextChunk]:
+        return [e for e in read_all(sync_redis, keys.out(session)) if isinstance(e, TextChunk)]
+
+    wait_for(lambda: len(out()) >= 2, timeout=10, what="the first worker answering")
+    second = workers.start_cli("llm", VOICEBUS_LLM__BASE_URL=server.url,
+                               VOICEBUS_LLM__TIMEOUT=str(TIMEOUT))
+    first.kill()  # mid-reply: its entry stays pending until the survivor claims it
+    first.wait()
+    chunks = reply(sync_redis, keys, session, timeout=30)
+    assert second.poll() is None
+    check_well_formed(chunks)  # seq 0..n once each, one last chunk: nothing duplicated
+    assert len(server.requests) == 2  # the survivor asked the model again
+    acked(sync_redis, keys)

@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     component = f"{args.stage}-worker" if args.command == "worker" else args.command
     setup_logging(config.log.level, config.log.format, component=component)
+    missing = _missing_server_packages() if args.command not in DEVICE_COMMANDS else []
+    if missing:
+        print(f"voicebus {args.command}: this install has only the edge client (missing: "
+              f"{', '.join(missing)}); run the bus with pip install 'voicebus[server]'",
+              file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](args, config)
     except (RedisLaunchError, LocalLlmError) as exc:
@@ -88,6 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+# What a device-only install (no "server" extra) can run.
+DEVICE_COMMANDS = frozenset({"token", "talk", "config"})
+SERVER_PACKAGES = ("redis", "msgspec", "onnxruntime", "faster_whisper", "openai", "piper")
+
+
+def _missing_server_packages() -> list[str]:
+    import importlib.util
+
+    return [name for name in SERVER_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:

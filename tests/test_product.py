@@ -1,0 +1,105 @@
+"""The product end to end: every worker and the gateway as separate processes (as
+``voicebus up`` runs them), real Redis, the real local LLM, Piper, and a device
+(``edge.client``) speaking real audio in real time through the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from edge.auth import mint
+from edge.client import TurnResult, talk_wavs
+from edge.audio_io import write_wav
+from tests.audio import ARCTIC, GO_FORWARD, join, silence, speech
+from voicebus.supervisor import Supervisor
+from workers.backends.audio import float_to_pcm16, resample
+from workers.backends.tts import load_backend
+from workers.config import LlmConfig, TtsConfig
+from workers.memory import ConversationMemory
+
+SECRET = "product-test-secret-0123456789"
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def product(redis_url: str, local_llm_url: str) -> Iterator[tuple[Supervisor, str]]:
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    env = {"VOICEBUS_REDIS__KEY_PREFIX": prefix, "VOICEBUS_GATEWAY__PORT": "0",
+           "VOICEBUS_GATEWAY__SECRET": SECRET, "VOICEBUS_LLM__BASE_URL": local_llm_url,
+           "VOICEBUS_LLM__TEMPERATURE": "0", "VOICEBUS_REDIS__CLAIM_IDLE_MS": "1000"}
+    supervisor = Supervisor(redis_url, llm=LlmConfig(base_url=local_llm_url), env=env,
+                            log_stream=open(Path(f"/tmp/voicebus-product-{prefix}.log"), "w"))
+    supervisor.start(timeout=180)
+    try:
+        yield supervisor, prefix
+    finally:
+        supervisor.stop()
+
+
+def spoken(text: str, path: Path) -> Path:
+    """``text`` said by the Piper voice, as a 16 kHz WAV a device could send."""
+    tts = load_backend(TtsConfig(fallback="none"))
+    audio = np.concatenate([resample(p.audio, p.sample_rate, 16_000)
+                            for p in tts.synthesize(text)])
+    write_wav(path, float_to_pcm16(join(silence(0.4), audio, silence(0.3))), 16_000)
+    return path
+
+
+def talk(product: tuple[Supervisor, str], user: str, wavs: list[Path],
+         **kwargs: object) -> list[TurnResult]:
+    supervisor, _ = product
+    token = mint(SECRET.encode(), user, 300)
+    return asyncio.run(talk_wavs(supervisor.gateway_url, token, wavs, **kwargs))  # type: ignore[arg-type]
+
+
+async def history(url: str, prefix: str, user: str) -> list[tuple[str, str, bool]]:
+    client = aioredis.Redis.from_url(url)
+    try:
+        return [(m.role, m.content, m.interrupted)
+                for m in await ConversationMemory(client, prefix).history(user)]
+    finally:
+        await client.aclose()
+
+
+def test_a_conversation_remembers_the_first_turn(product: tuple[Supervisor, str],
+                                                 tmp_path: Path, redis_url: str) -> None:
+    wavs = [spoken("Hello! My name is Peter.", tmp_path / "1.wav"),
+            spoken("What is my name?", tmp_path / "2.wav")]
+    turns = talk(product, "peter-user", wavs, out_dir=tmp_path / "out")
+    assert len(turns) == 2 and not any(t.interrupted for t in turns)
+    assert "peter" in turns[0].transcript.lower()
+    assert "name" in turns[1].transcript.lower()
+    assert "peter" in turns[1].reply.lower(), turns[1].reply  # memory of turn one
+    for turn in turns:
+        assert Path(turn.audio_path).is_file() and len(turn.audio) / 2 / 24_000 > 0.5
+        assert turn.latency_ms["end_of_speech_to_first_audio"] > 0
+    stored = asyncio.run(history(redis_url, product[1], "peter-user"))
+    assert [role for role, _, _ in stored] == ["user", "assistant", "user", "assistant"]
+
+
+def test_barge_in_cuts_the_answer_and_memory_keeps_what_was_heard(
+        product: tuple[Supervisor, str], tmp_path: Path, redis_url: str) -> None:
+    # The user asks, the agent starts answering, and 4 s after the question the user
+    # speaks again: one WAV streamed continuously, as a microphone would.
+    audio = join(silence(0.5), speech(ARCTIC), silence(4.0), speech(GO_FORWARD), silence(0.3))
+    wav = tmp_path / "barge_in.wav"
+    write_wav(wav, float_to_pcm16(audio), 16_000)
+    turns = talk(product, "barge-user", [wav], wait_for_answer=False)
+    assert len(turns) == 2
+    first, second = turns
+    assert first.interrupted and not second.interrupted
+    assert "go forward" in second.transcript.lower()
+    assert second.audio and second.reply
+    # The device got only part of the first answer; memory holds exactly what was played.
+    stored = asyncio.run(history(redis_url, product[1], "barge-user"))
+    assert [role for role, _, _ in stored] == ["user", "assistant", "user", "assistant"]
+    _, heard, interrupted = stored[1]
+    assert interrupted
+    assert len(heard) < len(first.reply)
+    assert first.reply.startswith(heard.rstrip(".,!?"))  # a prefix of the reply
