@@ -20,7 +20,9 @@ class Hide(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Hide())
 import importlib.util
 _find = importlib.util.find_spec
-importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] in SERVER else _find(name, *a)
+def _hidden(name, *a):
+    return None if name.split(".")[0] in SERVER else _find(name, *a)
+importlib.util.find_spec = _hidden
 from voicebus.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from edge.audio_io import write_wav
 from edge.auth import mint
 from edge.client import TurnResult, talk_wavs
-from edge.audio_io import write_wav
 from tests.audio import ARCTIC, GO_FORWARD, join, silence, speech
 from voicebus.supervisor import Supervisor
 from workers.backends.audio import float_to_pcm16, resample

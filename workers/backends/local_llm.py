@@ -70,8 +70,8 @@ def gguf_path(config: LlmConfig) -> Path:
         parts = [packaged_path(p) for p in GGUF_PARTS]
     except FileNotFoundError as exc:
         raise LocalLlmError(
-            f"the local model's parts are not installed ({exc}); reinstall voicebus "
-            "(pip install -e .) or set llm.base_url to an OpenAI-compatible endpoint") from exc
+            f"the local model's parts are not installed ({exc}); install voicebus[server] "
+            "or set llm.base_url to an OpenAI-compatible endpoint") from exc
     try:
         assemble(parts, [], sha, target, joined=GGUF_NAME, what="LLM")
     except (OSError, ModelIntegrityError) as exc:
