@@ -72,6 +72,13 @@ def test_two_sentences_are_two_turns_in_order(workers, prefix, sync_redis) -> No
                      what="two turns")
     assert turns[0].speech_end_ms < turns[1].speech_start_ms
     assert turns[0].turn_id != turns[1].turn_id
+    # Each turn starts its own trace; the turn's events all carry it.
+    traces = [t.traceparent.split("-")[1] for t in turns]
+    assert traces[0] != traces[1] and all(len(t) == 32 for t in traces)
+    for turn in turns:
+        started = [e for e in read_all(sync_redis, keys.out("s1"))
+                   if isinstance(e, SpeechStarted) and e.turn_id == turn.turn_id]
+        assert [e.traceparent for e in started] == [turn.traceparent]
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])

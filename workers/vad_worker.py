@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ class HybridVad:
         self.reblock = Reblocker(WINDOW)
         self.detector = TurnDetector(config.vad, models.silero.stream())
         self.turn_id: str | None = None
+        self.traceparent = ""  # the turn's W3C trace context: one trace per turn
         self.barge_in = config.vad.barge_in
 
     async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
@@ -111,15 +113,16 @@ class HybridVad:
         sid, out = self.session_id, ctx.keys.out(self.session_id)
         if isinstance(action, SpeechStart):
             self.turn_id = uuid.uuid4().hex[:16]
+            self.traceparent = new_traceparent()
             if self.barge_in:
                 await self._barge_in(ctx)
             yield Emit(out, SpeechStarted(session_id=sid, turn_id=self.turn_id,
                                           audio_ms=_ms(action.at),
-                                          traceparent=cause.traceparent))
+                                          traceparent=self.traceparent))
         elif isinstance(action, SpeechStop) and self.turn_id:
             yield Emit(out, SpeechStopped(session_id=sid, turn_id=self.turn_id,
                                           audio_ms=_ms(action.at),
-                                          traceparent=cause.traceparent))
+                                          traceparent=self.traceparent))
         elif isinstance(action, NeedsTurnCheck) and self.models.smart_turn is not None:
             # ~50 ms of CPU: off the event loop, so leases and other sessions go on.
             probability = await asyncio.to_thread(self.models.smart_turn.probability,
@@ -140,7 +143,7 @@ class HybridVad:
             audio=float_to_pcm16(end.audio), speech_start_ms=_ms(end.start),
             speech_end_ms=_ms(end.speech_end), decided_ms=_ms(end.decided), rule=end.rule,
             probability=end.probability, speculative=end.speculative,
-            user_id=self.user_id, traceparent=cause.traceparent)
+            user_id=self.user_id, traceparent=self.traceparent)
         yield Emit(ctx.keys.queue("asr"), turn)
         if end.speculative:
             return
@@ -166,6 +169,12 @@ class HybridVad:
 
     async def close(self) -> None:
         self.reblock = Reblocker(WINDOW)
+
+
+def new_traceparent() -> str:
+    """A W3C traceparent starting a new trace (the turn's): every stage copies it onto
+    the events it makes, so one turn is one trace id across processes."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
 def _without_audio(turn: TurnEnded) -> TurnEnded:
