@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -68,6 +69,7 @@ from schemas import (
     TurnEnded,
     decode,
 )
+from workers import semconv, telemetry
 from workers.bus import FIELD, Bus, connect, read
 from workers.cancel import CancelLane
 from workers.config import Config
@@ -98,6 +100,8 @@ class TurnState:
     first_sent_ns: int | None = None  # first audio byte sent to the device
     rule: str = ""
     trace_id: str = ""
+    traceparent: str = ""  # the turn's trace context; its span id is the root span's
+    speech_start_ns: int | None = None  # wall clock when the turn's speech reached us
     texts: dict[int, str] = field(default_factory=dict)  # reply text per seq
     pending: dict[tuple[int, int], AudioChunk] = field(default_factory=dict)
     next_part: tuple[int, int] = (0, 0)  # the (seq, part) to send next
@@ -217,9 +221,6 @@ class DeviceSession:
             await self.on_cancelled(event.turn_id)
             return
         turn_id = getattr(event, "turn_id", "")
-        if isinstance(event, SpeechStarted):
-            await self.send_json({"type": "speech_started", "turn_id": turn_id})
-            return
         if not turn_id:
             return
         turn = self.turns.get(turn_id)
@@ -227,6 +228,11 @@ class DeviceSession:
             turn = self.turns[turn_id] = TurnState(turn_id)
         if turn.trace_id == "" and event.traceparent:
             turn.trace_id = event.traceparent.split("-")[1]
+            turn.traceparent = event.traceparent
+        if isinstance(event, SpeechStarted):
+            turn.speech_start_ns = self.wall_ns(event.audio_ms)
+            await self.send_json({"type": "speech_started", "turn_id": turn_id})
+            return
         if isinstance(event, TurnEnded):
             turn.speech_end_ms, turn.decided_ns, turn.rule = (event.speech_end_ms,
                                                                event.created_ns, event.rule)
@@ -292,8 +298,31 @@ class DeviceSession:
         with log_context(session_id=self.session_id, turn_id=turn.turn_id):
             log.info("turn %s %s: %s", turn.turn_id, "cut off" if interrupted else "sent",
                      turn.latency_ms())
+        self.record_spans(turn, interrupted)
         if not interrupted:  # the device may already have played it all
             self.on_played(turn.turn_id, turn.played)
+
+    def record_spans(self, turn: TurnState, interrupted: bool) -> None:
+        """The turn's root span (speech start -> now: the last byte sent, or the cut) and
+        the playback span, with the ids the turn's events already name as parent."""
+        now = time.time_ns()
+        start = turn.speech_start_ns or turn.speech_end_ns or turn.decided_ns or now
+        attributes: dict[str, Any] = {
+            semconv.SESSION_ID: self.session_id, semconv.TURN_ID: turn.turn_id,
+            semconv.USER_ID: self.user_id, semconv.INTERRUPTED: interrupted,
+            semconv.TURN_RULE: turn.rule,
+            **{semconv.LATENCY_PREFIX + k: v for k, v in turn.latency_ms().items()}}
+        tracer = telemetry.tracer()
+        with telemetry.root_span_ids(turn.traceparent) as preset:
+            if not preset:
+                return  # events without trace context (a producer that sets none)
+            tracer.start_span(semconv.TURN, start_time=min(start, now), attributes=attributes,
+                              kind=SpanKind.SERVER).end(end_time=now)
+        if turn.first_sent_ns is not None:
+            tracer.start_span(semconv.PLAYBACK, context=telemetry.parent_of(turn.traceparent),
+                              start_time=turn.first_sent_ns, attributes={
+                                  semconv.SENT_SAMPLES: turn.sent_samples,
+                                  semconv.INTERRUPTED: interrupted}).end(end_time=now)
 
     async def on_cancelled(self, turn_id: str) -> None:
         turn = self.turns.get(turn_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,9 @@ import redis
 from workers.redis_server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
+# Spans of every process the tests start go here, not into the user's ~/.cache.
+os.environ.setdefault("VOICEBUS_TRACING__LOCAL_PATH",
+                      str(Path(tempfile.mkdtemp(prefix="voicebus-test-spans-")) / "spans.jsonl"))
 
 
 def _docker_redis() -> Iterator[str]:

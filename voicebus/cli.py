@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                               "gateway, until Ctrl-C")
     sub.add_parser("gateway", help="run the WebSocket gateway edge devices connect to")
 
+    t = sub.add_parser("trace", help="a turn's waterfall from the local span file")
+    t.add_argument("turn", nargs="?", metavar="TURN_ID", help="a turn id or trace id")
+    t.add_argument("--last", type=int, default=1, metavar="N", help="the last N turns")
+    t.add_argument("--file", metavar="PATH", help="span file (default: tracing.local_path)")
+
     d = sub.add_parser("demo", help="run the bus and play sample utterances through it")
     d.add_argument("wavs", nargs="*", type=Path, metavar="WAV",
                    help="16-bit mono WAV files (default: the shipped samples)")
@@ -87,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(missing)}); run the bus with pip install 'voicebus[server]'",
               file=sys.stderr)
         return 2
+    if args.command in ("worker", "gateway"):
+        from workers.telemetry import setup_tracing
+
+        setup_tracing(config, args.stage if args.command == "worker" else "gateway")
     try:
         return COMMANDS[args.command](args, config)
     except (RedisLaunchError, LocalLlmError) as exc:
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # What a device-only install (no "server" extra) can run.
-DEVICE_COMMANDS = frozenset({"token", "talk", "config"})
+DEVICE_COMMANDS = frozenset({"token", "talk", "config", "trace"})
 SERVER_PACKAGES = ("redis", "msgspec", "onnxruntime", "faster_whisper", "openai", "piper")
 
 
@@ -245,6 +254,19 @@ def cmd_talk(args: argparse.Namespace, config: Config) -> int:
     return cmd_talk(args, config)
 
 
-COMMANDS = {"gateway": cmd_gateway, "worker": cmd_worker, "status": cmd_status, "up": cmd_up,
-            "demo": cmd_demo, "redis": cmd_redis, "config": cmd_config, "token": cmd_token,
-            "talk": cmd_talk}
+def cmd_trace(args: argparse.Namespace, config: Config) -> int:
+    from voicebus.traces import read_spans, render, select
+
+    path = args.file or config.tracing.local_path
+    chosen = select(read_spans(path), args.turn, max(1, args.last))
+    if not chosen:
+        print(f"voicebus trace: no {'turn ' + args.turn if args.turn else 'turns'} in {path} "
+              "(spans are written there when tracing.otlp_endpoint is unset)", file=sys.stderr)
+        return 1
+    print("\n\n".join(render(spans) for spans in chosen))
+    return 0
+
+
+COMMANDS = {"trace": cmd_trace, "gateway": cmd_gateway, "worker": cmd_worker,
+            "status": cmd_status, "up": cmd_up, "demo": cmd_demo, "redis": cmd_redis,
+            "config": cmd_config, "token": cmd_token, "talk": cmd_talk}

@@ -26,9 +26,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from schemas import Event, Transcript, TurnEnded
+from workers import semconv
 from workers.backends.asr import AsrInputError, AsrResult, Recognizer, load_recognizer
 from workers.config import Config
 from workers.runtime import Context, Emit, JobStage
@@ -53,6 +55,7 @@ class AsrStage:
     async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
         if not isinstance(event, TurnEnded):
             return
+        trace.get_current_span().set_attribute(semconv.SPECULATIVE, event.speculative)
         if event.speculative:
             await self._speculate(event, ctx)
             return

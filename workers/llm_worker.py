@@ -49,9 +49,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from schemas import Event, TextChunk, Transcript
+from workers import semconv
 from workers.backends.llm import ChatBackend, ChatMessage, LlmError, LlmTimeout, load_backend
 from workers.chunking import Chunker
 from workers.config import Config
@@ -204,11 +206,27 @@ class LlmStage:
                 yield emit
             return
         user = memory_user(event)
+        span = trace.get_current_span()  # the runtime's span for this stage
+        span.update_name(f"{semconv.LLM} {self.config.model}")
+        span.set_attributes({semconv.GEN_AI_OPERATION: "chat",
+                             semconv.GEN_AI_PROVIDER: self.backend.name.split()[0],
+                             semconv.GEN_AI_REQUEST_MODEL: self.config.model,
+                             semconv.GEN_AI_MAX_TOKENS: self.config.max_tokens,
+                             semconv.GEN_AI_TEMPERATURE: self.config.temperature,
+                             semconv.USER_ID: user})
         messages = await self._prompt(ctx, user, event)
         await self._remember(ctx, user, event, "user", event.text)
         turn = _Turn()
         async for emit in self._reply(event, ctx, messages, turn):
             yield emit
+        ttft = turn.ttft_ms()
+        span.set_attributes({semconv.GEN_AI_OUTPUT_TOKENS: turn.tokens,
+                             semconv.LLM_CHUNKS: turn.chunks,
+                             semconv.OUTCOME: turn.outcome or "ended",
+                             **({semconv.LLM_TTFT_MS: ttft} if ttft is not None else {})})
+        if self.full_config.tracing.capture_content:
+            span.set_attributes({semconv.CONTENT_TRANSCRIPT: event.text,
+                                 semconv.CONTENT_REPLY: " ".join(t for t in turn.spoken if t)})
         if turn.spoken and any(turn.spoken):
             await self._remember(ctx, user, event, "assistant", " ".join(
                 t for t in turn.spoken if t), interrupted=turn.outcome == "cancelled")

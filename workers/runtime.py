@@ -32,12 +32,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from opentelemetry.trace import SpanKind
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import DEFAULT_MAX_EVENT_BYTES, DeadLetter, Event, SchemaError, TurnEvent, decode
-from workers import janitor
+from workers import janitor, semconv, telemetry
 from workers.bus import FIELD, Bus, as_str, connect, consumer_name, read_group
 from workers.cancel import CancelLane
 from workers.config import Config
@@ -375,6 +376,26 @@ class Worker:
             return await self._run_handler(stream, entry_id, raw, deliveries, event, handler)
 
     async def _run_handler(
+        self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
+        handler: Handler,
+    ) -> tuple[Outcome, Event | None]:
+        span_name = semconv.STAGE_SPANS.get(self.name)
+        if span_name is None or not isinstance(event, TurnEvent):
+            return await self._attempt_inner(stream, entry_id, raw, deliveries, event, handler)
+        # The stage's span, a child of the turn's root span named by the event's trace
+        # context (also when this worker reclaimed the entry from one that died).
+        with telemetry.tracer().start_as_current_span(
+                span_name, context=telemetry.parent_of(event.traceparent, event.tracestate),
+                kind=SpanKind.CONSUMER, attributes={
+                    semconv.STAGE: self.name, semconv.CONSUMER: self.consumer,
+                    semconv.DELIVERIES: deliveries, semconv.SESSION_ID: event.session_id,
+                    semconv.TURN_ID: event.turn_id}) as span:
+            outcome, handled = await self._attempt_inner(stream, entry_id, raw, deliveries,
+                                                         event, handler)
+            span.set_attribute(semconv.OUTCOME, outcome)
+            return outcome, handled
+
+    async def _attempt_inner(
         self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
         handler: Handler,
     ) -> tuple[Outcome, Event | None]:

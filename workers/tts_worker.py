@@ -35,7 +35,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import trace
+
 from schemas import AudioChunk, Event, TextChunk
+from workers import semconv
 from workers.backends.audio import float_to_pcm16, resample
 from workers.backends.tts import Piece, TtsBackend, load_backend
 from workers.chunking import chunks
@@ -121,6 +124,13 @@ class TtsStage:
         except _Cancelled:
             metrics.outcome = "cancelled"
         self.recent.append(metrics)
+        span = trace.get_current_span()  # the runtime's span for this chunk
+        span.set_attributes({semconv.TTS_SEQ: event.seq, semconv.TTS_BACKEND: metrics.backend,
+                             semconv.OUTCOME: metrics.outcome})
+        if metrics.ttfa_ms is not None:
+            span.set_attribute(semconv.TTS_FIRST_AUDIO_MS, round(metrics.ttfa_ms, 1))
+        if metrics.rtf is not None:
+            span.set_attribute(semconv.TTS_RTF, round(metrics.rtf, 4))
         if metrics.outcome == "failed":
             log.error("tts failed (%s); the chunk's audio ends here. %s", metrics.error,
                       metrics.line())

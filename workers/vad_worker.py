@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -34,6 +36,7 @@ from schemas import (
     SpeechStopped,
     TurnEnded,
 )
+from workers import semconv, telemetry
 from workers.backends.audio import Reblocker, StreamResampler, float_to_pcm16, pcm16_to_float
 from workers.backends.silero import WINDOW, SileroModel
 from workers.backends.smart_turn import SmartTurnModel
@@ -91,6 +94,10 @@ class HybridVad:
         self.detector = TurnDetector(config.vad, models.silero.stream())
         self.turn_id: str | None = None
         self.traceparent = ""  # the turn's W3C trace context: one trace per turn
+        # (audio ms at a frame's end, its created_ns): places audio time on the wall
+        # clock for the turn-detection span, as the gateway does for its latency.
+        self.frame_clock: deque[tuple[int, int]] = deque(maxlen=4096)
+        self.input_samples = 0
         self.barge_in = config.vad.barge_in
 
     async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
@@ -99,6 +106,8 @@ class HybridVad:
                 log.info("input rate changed %d -> %d Hz", self.rate, event.sample_rate)
                 self.rate = event.sample_rate
                 self.resample = StreamResampler(self.rate)
+            self.input_samples += len(event.pcm) // 2
+            self.frame_clock.append((self.input_samples * 1000 // self.rate, event.created_ns))
             audio = self.resample(pcm16_to_float(event.pcm))
             for window in self.reblock(audio):
                 for action in self.detector.push(window):
@@ -148,6 +157,7 @@ class HybridVad:
         if end.speculative:
             return
         yield Emit(ctx.keys.out(self.session_id), _without_audio(turn))
+        self._record_span(end)
         await ctx.bus.redis.set(ctx.keys.active_turn(self.session_id), self.turn_id,
                                 ex=ACTIVE_TURN_TTL_S)
         with log_context(session_id=self.session_id, turn_id=self.turn_id):
@@ -156,6 +166,22 @@ class HybridVad:
                      "-" if end.probability is None else f"{end.probability:.2f}",
                      end.delay_ms, (end.speech_end - end.start) / RATE)
         self.turn_id = None
+
+    def _record_span(self, end: TurnEnd) -> None:
+        """The turn-detection span: from when the audio of the speech end was captured
+        (its frame's ``created_ns``) to the decision (now)."""
+        now = time.time_ns()
+        speech_end_ms = _ms(end.speech_end)
+        arrived = next((ns for ms, ns in self.frame_clock if ms >= speech_end_ms), None)
+        span = telemetry.tracer().start_span(
+            semconv.TURN_DETECTION, context=telemetry.parent_of(self.traceparent),
+            start_time=min(arrived or now - end.delay_ms * 1_000_000, now), attributes={
+                semconv.STAGE: "vad", semconv.SESSION_ID: self.session_id,
+                semconv.TURN_ID: self.turn_id or "", semconv.TURN_RULE: end.rule,
+                semconv.SPEECH_MS: _ms(end.speech_end - end.start)})
+        if end.probability is not None:
+            span.set_attribute(semconv.TURN_PROBABILITY, round(end.probability, 4))
+        span.end(end_time=now)
 
     async def _barge_in(self, ctx: Context) -> None:
         """The user speaks while the agent's previous turn is still live: cancel it."""
