@@ -69,7 +69,7 @@ from schemas import (
     TurnEnded,
     decode,
 )
-from workers import semconv, telemetry
+from workers import metrics, semconv, telemetry
 from workers.bus import FIELD, Bus, connect, read
 from workers.cancel import CancelLane
 from workers.config import Config
@@ -299,6 +299,12 @@ class DeviceSession:
             log.info("turn %s %s: %s", turn.turn_id, "cut off" if interrupted else "sent",
                      turn.latency_ms())
         self.record_spans(turn, interrupted)
+        latency = turn.latency_ms()
+        metrics.record_turn(latency, interrupted)
+        with contextlib.suppress(RedisError, OSError):
+            await self.gateway.redis.xadd(
+                self.keys.turn_latency(), metrics.turn_entry(latency, interrupted, turn.rule),
+                maxlen=metrics.TURN_LATENCY_MAXLEN, approximate=True)
         if not interrupted:  # the device may already have played it all
             self.on_played(turn.turn_id, turn.played)
 

@@ -36,6 +36,7 @@ from workers.cancel import CancelLane
 from workers.config import Config, GatewayConfig, RedisConfig
 from workers.keys import Keys
 from workers.memory import ConversationMemory
+from workers.status import collect, render
 
 SECRET = "test-secret-0123456789abcdef"
 
@@ -195,6 +196,12 @@ async def test_reply_audio_is_sent_in_order_once_each(gateway: Gateway,
     assert lat["llm_ttft"] == 123.0
     assert {"turn_detect", "asr", "llm_first_text", "tts_first_chunk",
             "end_of_speech_to_first_audio"} <= set(lat)
+    # The turn's breakdown is on the bus for `voicebus status` (p50/p95/p99 per stage).
+    report = await collect(client, gateway.keys, {})
+    assert report.turns == 1 and report.interrupted == 0
+    by_stage = {st.stage: st for st in report.latency}
+    assert by_stage["llm_ttft"].p50 == by_stage["llm_ttft"].p99 == 123.0
+    assert "end_of_speech_to_first_audio" in by_stage and "p99" in render(report)
     # The device played it all: the agent stopped talking, so the turn is no longer live.
     await client.set(gateway.keys.active_turn(sid), "t1")
     await ws.send(json.dumps({"type": "played", "turn_id": "t1", "samples": 960}))

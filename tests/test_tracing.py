@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from edge.audio_io import write_wav
@@ -121,15 +124,23 @@ def test_a_reclaimed_turn_stays_in_its_trace(workers: WorkerProcs, sync_redis: r
 
 
 class _Receiver(BaseHTTPRequestHandler):
+    """A minimal OTLP/HTTP receiver: decodes what arrives on /v1/traces and /v1/metrics."""
+
     received: list[ExportTraceServiceRequest] = []
+    metrics: list[ExportMetricsServiceRequest] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if self.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
-        request = ExportTraceServiceRequest()
-        request.ParseFromString(body)
-        _Receiver.received.append(request)
+        if self.path.endswith("/v1/metrics"):
+            metric_request = ExportMetricsServiceRequest()
+            metric_request.ParseFromString(body)
+            _Receiver.metrics.append(metric_request)
+        else:
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            _Receiver.received.append(request)
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.end_headers()
@@ -140,7 +151,7 @@ class _Receiver(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def otlp_receiver() -> Iterator[str]:
-    _Receiver.received = []
+    _Receiver.received, _Receiver.metrics = [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -149,9 +160,10 @@ def otlp_receiver() -> Iterator[str]:
     server.server_close()
 
 
-def test_spans_are_exported_over_otlp_http(workers: WorkerProcs, sync_redis: redis.Redis,
-                                           otlp_receiver: str) -> None:
-    with ScriptedOpenAI([Script.reply(["Hello there."])]) as server:
+def test_spans_and_metrics_are_exported_over_otlp_http(
+        workers: WorkerProcs, sync_redis: redis.Redis, otlp_receiver: str) -> None:
+    # The model fails twice (the retry too): the apology is spoken, a fallback counted.
+    with ScriptedOpenAI([Script.error(503)]) as server:
         proc = workers.start_cli("llm", VOICEBUS_LLM__BASE_URL=server.url,
                                  OTEL_EXPORTER_OTLP_ENDPOINT=otlp_receiver)
         keys = Keys(workers.prefix)
@@ -175,4 +187,10 @@ def test_spans_are_exported_over_otlp_http(workers: WorkerProcs, sync_redis: red
     assert span.trace_id.hex() == TRACEPARENT.split("-")[1]
     assert span.parent_span_id.hex() == TRACEPARENT.split("-")[2]
     attrs = {a.key for a in span.attributes}
-    assert {semconv.GEN_AI_REQUEST_MODEL, semconv.LLM_TTFT_MS} <= attrs
+    assert {semconv.GEN_AI_REQUEST_MODEL, semconv.OUTCOME} <= attrs
+    counted = {m.name: m for request in _Receiver.metrics for resource in request.resource_metrics
+               for scope in resource.scope_metrics for m in scope.metrics}
+    assert "voicebus.fallbacks" in counted, sorted(counted)
+    (point,) = counted["voicebus.fallbacks"].sum.data_points
+    assert point.as_int == 1
+    assert {a.key: a.value.string_value for a in point.attributes} == {"kind": "llm_apology"}

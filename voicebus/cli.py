@@ -93,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if args.command in ("worker", "gateway"):
+        from workers.metrics import setup_metrics
         from workers.telemetry import setup_tracing
 
-        setup_tracing(config, args.stage if args.command == "worker" else "gateway")
+        component = args.stage if args.command == "worker" else "gateway"
+        setup_tracing(config, component)
+        setup_metrics(config, component)
     try:
         return COMMANDS[args.command](args, config)
     except (RedisLaunchError, LocalLlmError) as exc:

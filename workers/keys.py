@@ -81,6 +81,11 @@ class Keys:
         """A lock: one worker at a time summarizes a user's conversation."""
         return f"{self.prefix}:user:{{{user_id}}}:summarizing"
 
+    def turn_latency(self) -> str:
+        """One entry per finished turn with its latency breakdown (the gateway writes it,
+        ``voicebus status`` reads the recent window). Capped; not a work stream."""
+        return f"{self.prefix}:metrics:turns"
+
     def dedup(self, stream: str, group: str, entry_id: str) -> str:
         """Which outputs of one input entry were already written (see runtime)."""
         return f"{stream}:dedup:{group}:{entry_id}"

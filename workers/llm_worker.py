@@ -53,7 +53,7 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from schemas import Event, TextChunk, Transcript
-from workers import semconv
+from workers import metrics, semconv
 from workers.backends.llm import ChatBackend, ChatMessage, LlmError, LlmTimeout, load_backend
 from workers.chunking import Chunker
 from workers.config import Config
@@ -340,6 +340,7 @@ class LlmStage:
                     turn.chunks += 1
                     turn.spoken.append(cfg.apology)
                     turn.outcome = "apology"
+                    metrics.fallbacks.add(1, {"kind": "llm_apology"})
                     return
                 log.warning("llm failed before anything was spoken (%s); retrying once", failure)
                 turn.got_token = False

@@ -38,7 +38,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import DEFAULT_MAX_EVENT_BYTES, DeadLetter, Event, SchemaError, TurnEvent, decode
-from workers import janitor, semconv, telemetry
+from workers import janitor, metrics, semconv, telemetry
 from workers.bus import FIELD, Bus, as_str, connect, consumer_name, read_group
 from workers.cancel import CancelLane
 from workers.config import Config
@@ -438,6 +438,7 @@ class Worker:
     async def dead_letter(self, stream: str, entry_id: str, raw: bytes, reason: str,
                           deliveries: int, event: Event | None = None) -> None:
         self.stats["dead_lettered"] += 1
+        metrics.dead_letters.add(1, {"stream": self.keys.kind(stream) or "other"})
         log.warning("dead-lettering %s %s: %s", stream, entry_id, reason)
         letter = DeadLetter(
             session_id=event.session_id if event else "",

@@ -17,8 +17,10 @@ import redis.asyncio as aioredis
 from schemas import DeadLetter, SchemaError, decode
 from workers.bus import FIELD, as_str
 from workers.keys import Keys
+from workers.metrics import StageLatency, recent_latency, window_start_id
 
 ALERT_FILL = 0.8
+LATENCY_WINDOW_S = 600.0  # per-stage percentiles over the turns of the last 10 minutes
 
 
 @dataclass
@@ -54,6 +56,10 @@ class Report:
     streams: list[StreamStatus]
     dead_letters: int
     recent_dead_letters: list[str]
+    latency: list[StageLatency] = field(default_factory=list)  # over window_s
+    window_s: float = LATENCY_WINDOW_S
+    turns: int = 0
+    interrupted: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -103,7 +109,11 @@ async def collect(r: aioredis.Redis, keys: Keys, maxlen: dict[str, int]) -> Repo
                 recent.append(f"{letter.stream} {letter.entry_id}: {letter.reason}")
         except (SchemaError, KeyError):
             recent.append(f"{as_str(entry_id)}: (unreadable dead letter)")
-    return Report(keys.prefix, streams, int(await r.xlen(dead_key)), recent)
+    window: Any = await r.xrange(keys.turn_latency(), min=window_start_id(LATENCY_WINDOW_S),
+                                 max="+")
+    latency, turns, interrupted = recent_latency(window)
+    return Report(keys.prefix, streams, int(await r.xlen(dead_key)), recent, latency,
+                  LATENCY_WINDOW_S, turns, interrupted)
 
 
 def _age(seconds: float | None) -> str:
@@ -141,6 +151,13 @@ def render(report: Report, *, per_session: bool = False) -> str:
                                [merged] if groups else [])
     lines += ["", f"dead letters: {report.dead_letters}"]
     lines += [f"  {r}" for r in report.recent_dead_letters]
+    lines += ["", f"turns in the last {report.window_s / 60:.0f} min: {report.turns} "
+              f"({report.interrupted} interrupted)"]
+    if report.latency:
+        lines.append(f"  {'stage (ms)':<30} {'n':>5} {'p50':>7} {'p95':>7} {'p99':>7}")
+        for st in report.latency:
+            lines.append(f"  {st.stage:<30} {st.count:>5} {st.p50:>7.0f} {st.p95:>7.0f} "
+                         f"{st.p99:>7.0f}")
     alerts = [s.key for s in report.streams if s.alert]
     if alerts:
         lines += ["", f"ALERT: above {ALERT_FILL:.0%} of high-water mark: " + ", ".join(alerts)]

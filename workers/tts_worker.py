@@ -43,6 +43,7 @@ from workers.backends.audio import float_to_pcm16, resample
 from workers.backends.tts import Piece, TtsBackend, load_backend
 from workers.chunking import chunks
 from workers.config import Config
+from workers.metrics import fallbacks
 from workers.runtime import Context, Emit, JobStage
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ class TtsStage:
             metrics.outcome = "cancelled"
         self.recent.append(metrics)
         span = trace.get_current_span()  # the runtime's span for this chunk
+        if "espeak" in metrics.backends and self.backend.name != "espeak":
+            fallbacks.add(1, {"kind": "tts_espeak"})
         span.set_attributes({semconv.TTS_SEQ: event.seq, semconv.TTS_BACKEND: metrics.backend,
                              semconv.OUTCOME: metrics.outcome})
         if metrics.ttfa_ms is not None:
