@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("up", help="start Redis, the local LLM, one worker per stage and the "
                               "gateway, until Ctrl-C")
     sub.add_parser("gateway", help="run the WebSocket gateway edge devices connect to")
+    sub.add_parser("llm-server", help="run the local LLM server (llama.cpp) in the foreground, "
+                                      "for LLM workers on this or other machines")
 
     t = sub.add_parser("trace", help="a turn's waterfall from the local span file")
     t.add_argument("turn", nargs="?", metavar="TURN_ID", help="a turn id or trace id")
@@ -270,6 +272,16 @@ def cmd_trace(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-COMMANDS = {"trace": cmd_trace, "gateway": cmd_gateway, "worker": cmd_worker,
+def cmd_llm_server(args: argparse.Namespace, config: Config) -> int:
+    from voicebus.supervisor import Supervisor
+    from workers.backends.local_llm import LocalLlmServer
+
+    with LocalLlmServer(config.llm) as server:
+        print(f"VOICEBUS_LLM__BASE_URL={server.url}", flush=True)
+        Supervisor(None, stages=()).wait()  # until Ctrl-C / SIGTERM
+    return 0
+
+
+COMMANDS = {"llm-server": cmd_llm_server, "trace": cmd_trace, "gateway": cmd_gateway, "worker": cmd_worker,
             "status": cmd_status, "up": cmd_up, "demo": cmd_demo, "redis": cmd_redis,
             "config": cmd_config, "token": cmd_token, "talk": cmd_talk}

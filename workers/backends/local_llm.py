@@ -90,7 +90,9 @@ class LocalLlmServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        host = self.config.local.host
+        reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return f"http://{reach}:{self.port}/v1"
 
     def start(self) -> str:
         if importlib.util.find_spec("llama_cpp") is None:  # fail early, with a clear message
@@ -103,11 +105,12 @@ class LocalLlmServer:
         self.port = local.port or free_port()
         started = time.monotonic()
         args = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
-                "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(local.n_ctx),
+                "--host", local.host, "--port", str(self.port), "--n_ctx", str(local.n_ctx),
                 "--model_alias", self.config.model, "--verbose", "false"]
         if local.threads:
             args += ["--n_threads", str(local.threads), "--n_threads_batch", str(local.threads)]
-        log.info("starting the local LLM server (%s) on 127.0.0.1:%d", model.name, self.port)
+        log.info("starting the local LLM server (%s) on %s:%d", model.name, local.host,
+                 self.port)
         with self._log.open("wb") as out:
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
