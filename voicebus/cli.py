@@ -282,6 +282,6 @@ def cmd_llm_server(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-COMMANDS = {"llm-server": cmd_llm_server, "trace": cmd_trace, "gateway": cmd_gateway, "worker": cmd_worker,
-            "status": cmd_status, "up": cmd_up, "demo": cmd_demo, "redis": cmd_redis,
-            "config": cmd_config, "token": cmd_token, "talk": cmd_talk}
+COMMANDS = {"llm-server": cmd_llm_server, "trace": cmd_trace, "gateway": cmd_gateway,
+            "worker": cmd_worker, "status": cmd_status, "up": cmd_up, "demo": cmd_demo,
+            "redis": cmd_redis, "config": cmd_config, "token": cmd_token, "talk": cmd_talk}
