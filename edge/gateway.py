@@ -83,6 +83,7 @@ START_TIMEOUT_S = 10.0  # a device must say ``start`` this soon after connecting
 PLAYED_WAIT_S = 0.3  # after a flush, how long to wait for the device's played report
 OUT_BLOCK_MS = 50  # the out-stream reader's XREAD block: also how soon new sessions join
 FRAME_TIMES = 4096  # (audio ms, arrival) pairs kept per session to place speech ends in time
+KEEP_TURNS = 32  # turn states kept per session
 
 
 @dataclass
@@ -159,6 +160,7 @@ class DeviceSession:
         self.session_id = f"gw{uuid.uuid4().hex[:16]}"
         self.inbox: asyncio.Queue[Event | TurnCancelledNotice] = asyncio.Queue()
         self.turns: dict[str, TurnState] = {}
+        self.forgotten: deque[str] = deque(maxlen=4096)  # ids of finished, dropped turns
         self.current: TurnState | None = None  # the turn whose audio the device gets now
         self.samples_in = 0
         self.frame_times: deque[tuple[int, int]] = deque(maxlen=FRAME_TIMES)
@@ -167,7 +169,6 @@ class DeviceSession:
         self.last_frame = time.monotonic()
         self.window_start = time.monotonic()
         self.window_frames = 0
-        self.closing: tuple[int, str] | None = None
 
     @property
     def keys(self) -> Keys:
@@ -225,7 +226,10 @@ class DeviceSession:
             return
         turn = self.turns.get(turn_id)
         if turn is None:
+            if turn_id in self.forgotten:
+                return  # a very late event of a turn finished long ago: nothing to send
             turn = self.turns[turn_id] = TurnState(turn_id)
+            self.forget_old_turns()
         if turn.trace_id == "" and event.traceparent:
             turn.trace_id = event.traceparent.split("-")[1]
             turn.traceparent = event.traceparent
@@ -250,6 +254,14 @@ class DeviceSession:
                                   "text": event.text, "last": event.last})
         elif isinstance(event, AudioChunk):
             await self.on_audio(turn, event)
+
+    def forget_old_turns(self) -> None:
+        """A long session keeps only its recent turns' state; older finished turns are
+        remembered by id only, so their late events are still ignored."""
+        done = [t for t, state in self.turns.items() if state.done]
+        for turn_id in done[:max(0, len(self.turns) - KEEP_TURNS)]:
+            del self.turns[turn_id]
+            self.forgotten.append(turn_id)
 
     async def on_audio(self, turn: TurnState, chunk: AudioChunk) -> None:
         if turn.cancelled or turn.done:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,7 +28,7 @@ from edge.client import talk_wavs
 from schemas import TextChunk, Transcript
 from tests.audio import GO_FORWARD, join, silence, speech
 from tests.busutil import publish, read_all
-from tests.conftest import WorkerProcs, wait_for
+from tests.conftest import ROOT, WorkerProcs, wait_for
 from tests.support.openai_server import Script, ScriptedOpenAI
 from voicebus.supervisor import Supervisor
 from voicebus.traces import SpanRecord, read_spans, render, turns
@@ -94,6 +96,15 @@ def test_a_turn_is_one_trace_across_every_process(redis_url: str, tmp_path: Path
     assert not any(k.startswith("voicebus.content.") for s in spans for k in s.attributes)
     waterfall = render(spans)
     assert f"turn {turn.turn_id}" in waterfall and "critical path" in waterfall
+    # The same from the command line, by turn id and as the last turn.
+    for args in ([turn.turn_id], ["--last", "1"]):
+        shown = subprocess.run(
+            [sys.executable, "-m", "voicebus", "trace", "--file", str(spans_file), *args],
+            cwd=ROOT, text=True, capture_output=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        for name in (semconv.TURN_DETECTION, semconv.ASR, semconv.TTS, semconv.PLAYBACK):
+            assert name in shown.stdout
+        assert f"turn {turn.turn_id}" in shown.stdout
 
 
 def test_a_reclaimed_turn_stays_in_its_trace(workers: WorkerProcs, sync_redis: redis.Redis,
