@@ -4,6 +4,7 @@ with it through real Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from pathlib import Path
@@ -91,3 +92,25 @@ def test_the_real_model_remembers_the_users_name(
     # Another user was never told.
     other = ask(sync_redis, keys, "bob", "What is my name?")
     assert "ada" not in " ".join(c.text for c in other).lower()
+
+
+def test_concurrent_requests_are_queued_not_cut_short(local_llm_url: str) -> None:
+    """Two sessions (or a live turn and a background summary) asking at once both get
+    their whole reply: llama-cpp-python's server would cut the first one off."""
+    from workers.backends.llm import OpenAIChat
+
+    async def ask(question: str) -> str:
+        chat = OpenAIChat(local_llm_url, "none", "qwen2.5-coder-1.5b-instruct", timeout=60)
+        pieces = [p async for p in chat.stream(
+            [{"role": "user", "content": question}], max_tokens=40, temperature=0.0)]
+        return "".join(pieces)
+
+    async def both() -> tuple[str, str]:
+        first = asyncio.create_task(ask("Count from one to twenty in words."))
+        await asyncio.sleep(0.3)  # the first is streaming when the second arrives
+        second = await ask("Name three colours.")
+        return await first, second
+
+    first, second = asyncio.run(both())
+    assert len(first.split()) >= 10, first  # not cut short by the second request
+    assert second.strip(), second

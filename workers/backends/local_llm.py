@@ -106,7 +106,11 @@ class LocalLlmServer:
         started = time.monotonic()
         args = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
                 "--host", local.host, "--port", str(self.port), "--n_ctx", str(local.n_ctx),
-                "--model_alias", self.config.model, "--verbose", "false"]
+                "--model_alias", self.config.model, "--verbose", "false",
+                # llama-cpp-python's default cuts a running reply short whenever another
+                # request arrives (seen: concurrent sessions got half or empty replies,
+                # and a background summary would cut a live turn). Queue them instead.
+                "--interrupt_requests", "false"]
         if local.threads:
             args += ["--n_threads", str(local.threads), "--n_threads_batch", str(local.threads)]
         log.info("starting the local LLM server (%s) on %s:%d", model.name, local.host,
