@@ -278,3 +278,14 @@ def test_killing_one_of_two_llm_workers_mid_reply_still_completes_the_turn(
     check_well_formed(chunks)  # seq 0..n once each, one last chunk: nothing duplicated
     assert len(server.requests) == 2  # the survivor asked the model again
     acked(sync_redis, keys)
+
+
+def test_an_empty_reply_is_retried_then_apologised_for(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    server.scripts = [Script.reply([]), Script.reply(["  ", "\n"])]
+    keys = start_llm(workers, server)
+    session, _ = ask(sync_redis, keys, "say something")
+    chunks = reply(sync_redis, keys, session)
+    assert [(c.seq, c.text, c.last) for c in chunks] == [(0, APOLOGY, True)]
+    assert len(server.requests) == 2  # one retry: nothing had been spoken
+    wait_for(lambda: "reply was empty" in workers.logs(), what="the reason logged")

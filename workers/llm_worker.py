@@ -26,8 +26,8 @@
   as that would delay every sentence by the next one. TTS and the gateway treat an
   empty last chunk as "the reply ended".
 * **Failures** (never silence): no first token within ``llm.timeout`` -> the apology
-  (``llm.apology``) is the reply (seq 0, last). An HTTP error or a stream that broke
-  off *before anything was emitted* -> the request is retried once (with a fresh
+  (``llm.apology``) is the reply (seq 0, last). An HTTP error, an empty reply, or a
+  stream that broke off *before anything was emitted* -> the request is retried once (with a fresh
   ``llm.timeout`` for its first token), then the apology. A stream that breaks off or
   stalls for ``llm.timeout`` *after* chunks were emitted -> what was spoken stays,
   nothing is repeated or apologised mid-sentence: the text still buffered (a partial
@@ -313,9 +313,13 @@ class LlmStage:
                         log.warning("llm backend raised %r", exc, exc_info=True)
                     failure, timed_out = f"{type(exc).__name__}: {exc}", False
                 await waiter.close()
+                rest = chunker.flush() if failure is None else []
+                if failure is None and not rest and not turn.chunks:
+                    # Nothing to say is a failure, not a reply: the user would hear silence.
+                    failure, timed_out = "the model's reply was empty", False
                 if failure is None:  # the stream ended normally
                     turn.outcome = "ok"
-                    for emit in self._finish(ctx, event, turn, chunker.flush()):
+                    for emit in self._finish(ctx, event, turn, rest):
                         yield emit
                     log.info("llm turn done: %s", turn.metrics("ok"))
                     return
