@@ -100,18 +100,19 @@ def select(spans: list[SpanRecord], turn_id: str | None, last: int) -> list[list
 
 
 def critical_path(spans: list[SpanRecord]) -> list[SpanRecord]:
-    """Stages that determined when the turn ended: walking back from the stage span
-    that ended last, each time to the latest-ending span that ended before it began."""
+    """The chain of stages the turn waited on: from the stage span that ended last, back
+    through the span that started last before each one started (what set it going; in
+    a streaming pipeline stages overlap, so "ended before" would skip the LLM that was
+    still typing when TTS began)."""
     stages = [s for s in spans if s.name != semconv.TURN]
     if not stages:
         return []
     path = [max(stages, key=lambda s: s.end_ns)]
     while True:
-        before = [s for s in stages if s.end_ns <= path[-1].start_ns + 1_000_000]
-        before = [s for s in before if s is not path[-1] and s not in path]
+        before = [s for s in stages if s.start_ns < path[-1].start_ns and s not in path]
         if not before:
             return list(reversed(path))
-        path.append(max(before, key=lambda s: s.end_ns))
+        path.append(max(before, key=lambda s: s.start_ns))
 
 
 def render(spans: list[SpanRecord]) -> str:
