@@ -186,7 +186,8 @@ def cmd_up(args: argparse.Namespace, config: Config) -> int:
 
     supervisor = Supervisor(config.redis.url, config_path=args.config, llm=config.llm)
     supervisor.start()
-    print(f"voicebus is up: REDIS_URL={supervisor.url}  (Ctrl-C to stop)", file=sys.stderr)
+    print(f"voicebus is up: REDIS_URL={supervisor.url}  devices: {supervisor.gateway_url} "
+          "(voicebus token --user ID; voicebus talk)  Ctrl-C to stop", file=sys.stderr)
     try:
         supervisor.wait()
     finally:
