@@ -432,7 +432,6 @@ class Gateway:
 
     def __init__(self, config: Config, redis_url: str) -> None:
         self.config = config
-        self.url = redis_url
         self.keys = Keys(config.redis.key_prefix)
         self.redis = connect(redis_url)
         self.reader = connect(redis_url, blocking_ms=OUT_BLOCK_MS)
@@ -445,6 +444,7 @@ class Gateway:
         self.secret = load_secret(config.gateway.secret, config.gateway.secret_file)
         self.sessions: dict[str, DeviceSession] = {}
         self.positions: dict[str, str] = {}  # out stream -> last id read
+        self.by_stream: dict[str, DeviceSession] = {}  # out stream -> its session
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stop = asyncio.Event()
         self.server: Server | None = None
@@ -528,6 +528,7 @@ class Gateway:
         sid = session.session_id
         self.sessions[sid] = session
         self.positions[self.keys.out(sid)] = "0-0"
+        self.by_stream[self.keys.out(sid)] = session
         pump = self.spawn(session.pump())
         watchdog = self.spawn(self._watchdog(session))
         reason = "device disconnected"
@@ -580,6 +581,7 @@ class Gateway:
                 pump.cancel()
                 self.sessions.pop(sid, None)
                 self.positions.pop(self.keys.out(sid), None)
+                self.by_stream.pop(self.keys.out(sid), None)
                 await session.teardown(reason)
                 log.info("session ended: %s", reason)
 
@@ -619,7 +621,7 @@ class Gateway:
                 if stream not in self.positions:
                     continue  # the session ended meanwhile
                 self.positions[stream] = entries[-1][0]
-                session = self._session_of(stream)
+                session = self.by_stream.get(stream)
                 for _entry_id, fields in entries:
                     try:
                         event = decode(fields.get(FIELD, b""))
@@ -628,11 +630,6 @@ class Gateway:
                         continue
                     if session is not None:
                         session.inbox.put_nowait(event)
-
-    def _session_of(self, stream: str) -> DeviceSession | None:
-        # keys.out(sid) is "{prefix}:{sid}:out"
-        sid = stream[len(self.keys.prefix) + 2: -len("}:out")]
-        return self.sessions.get(sid)
 
     def _on_cancel(self, session_id: str, turn_id: str) -> None:
         session = self.sessions.get(session_id)
