@@ -61,6 +61,10 @@ class TurnResult:
     audio: bytes = b""  # PCM16 mono of the turn's speech as received (flushed audio excluded)
     sample_rate: int = 24000
     interrupted: bool = False  # the gateway sent flush for it / turn_done said so
+    # Dropped: the user went on speaking before hearing its reply; the turn that
+    # continues it (``continues``) covers the whole utterance.
+    continued: bool = False
+    continues: str = ""  # the dropped turn this one continues
     latency_ms: dict[str, float] = field(default_factory=dict)  # from turn_done
     trace_id: str = ""
     audio_path: str = ""  # the WAV written to out_dir, if any
@@ -190,17 +194,21 @@ class _Session:
                 raise ClientError(f"the gateway sent turn {turn_id}'s audio at {rate} Hz "
                                   f"after announcing out_rate {self.out_rate} Hz")
             self.audio_turn = turn_id
+        elif kind == "speech_started":
+            result.continues = str(message.get("continues") or "")
         elif kind == "flush":
-            await self._flush(turn)
+            await self._flush(turn, interrupted=message.get("reason") != "continued")
         elif kind == "turn_done":
             turn.done = True
+            result.continued = bool(message.get("continued"))
             latency = message.get("latency_ms")
             if isinstance(latency, dict):
                 result.latency_ms = {str(k): float(v) for k, v in latency.items()
                                      if isinstance(v, int | float) and not isinstance(v, bool)}
             result.trace_id = str(message.get("trace_id") or "")
-            if message.get("interrupted"):
-                await self._flush(turn)  # cut off: whatever is still queued must not play
+            if message.get("interrupted") or result.continued:
+                # cut off (or dropped): whatever is still queued must not play
+                await self._flush(turn, interrupted=not result.continued)
 
     def _on_audio(self, data: bytes) -> None:
         turn = self.turns.get(self.audio_turn) if self.audio_turn else None
@@ -216,10 +224,11 @@ class _Session:
         turn.received += whole // 2
         self.speaker.write(turn.result.turn_id, data)
 
-    async def _flush(self, turn: _Turn) -> None:
+    async def _flush(self, turn: _Turn, *, interrupted: bool = True) -> None:
         if turn.flushed:
             return
-        turn.flushed = turn.result.interrupted = True
+        turn.flushed = True
+        turn.result.interrupted = interrupted
         played = self.speaker.flush(turn.result.turn_id)
         del turn.pcm[2 * played:]
         await self._report(turn, played)

@@ -20,6 +20,15 @@ session's ``user_id`` (memory is keyed by it), whatever the device says later.
   briefly for the device's ``played`` report, and stores in memory only the text
   the user heard (``ConversationMemory.record_heard``). The time from the cancel
   to the last audio byte sent is logged.
+* **Continuation**: the first audio byte of a turn sent to the device is marked in
+  ``keys.audible`` (turn and time), so the VAD can tell speech that came before the
+  user heard anything (the turn goes on: the agent turn is cancelled with reason
+  ``continued``) from a barge-in. A continued turn is flushed like a barge-in but
+  stores nothing, reports ``turn_done`` with ``continued: true``, and its trace root
+  is recorded by the turn that continues it (same trace, whole utterance).
+* **Tentative turns**: a ``TurnEnded(tentative=True)`` (the VAD ended the turn
+  before the transcript's verdict) holds the turn's audio until the turn's second,
+  committing ``TurnEnded``; a continued turn never plays.
 * When a turn has been played out completely, its ``active_turn`` marker is
   removed, so the user's next words are a new turn, not a barge-in.
 * **Limits** (``gateway.*``): frame size (1009), frames per second (4008),
@@ -81,6 +90,9 @@ log = logging.getLogger("voicebus.gateway")
 
 START_TIMEOUT_S = 10.0  # a device must say ``start`` this soon after connecting
 PLAYED_WAIT_S = 0.3  # after a flush, how long to wait for the device's played report
+# A tentative turn's audio is released after this long even without its commit (the VAD
+# that ended it died before committing: its peer does not know the turn).
+HOLD_LIMIT_S = 6.0
 OUT_BLOCK_MS = 50  # the out-stream reader's XREAD block: also how soon new sessions join
 FRAME_TIMES = 4096  # (audio ms, arrival) pairs kept per session to place speech ends in time
 KEEP_TURNS = 32  # turn states kept per session
@@ -94,12 +106,16 @@ class TurnState:
     speech_end_ms: int | None = None
     speech_end_ns: int | None = None  # wall clock when that audio reached the gateway
     decided_ns: int | None = None  # TurnEnded.created_ns
+    committed_ns: int | None = None  # the commit of a tentative end (its second TurnEnded)
+    held: bool = False  # tentatively ended: its audio waits for the commit
     transcript_ns: int | None = None
     first_text_ns: int | None = None
     llm_ttft_ms: float | None = None
     first_tts_ns: int | None = None
     first_sent_ns: int | None = None  # first audio byte sent to the device
     rule: str = ""
+    continues: str = ""  # the dropped turn this one continues (same trace)
+    continued: bool = False  # dropped: the user went on before hearing any of it
     trace_id: str = ""
     traceparent: str = ""  # the turn's trace context; its span id is the root span's
     speech_start_ns: int | None = None  # wall clock when the turn's speech reached us
@@ -122,6 +138,7 @@ class TurnState:
 
         marks = {
             "turn_detect": ms(self.speech_end_ns, self.decided_ns),
+            "turn_commit": ms(self.speech_end_ns, self.committed_ns),
             "asr": ms(self.decided_ns, self.transcript_ns),
             "llm_ttft": self.llm_ttft_ms,
             "llm_first_text": ms(self.transcript_ns, self.first_text_ns),
@@ -158,7 +175,7 @@ class DeviceSession:
         self.user_id = user_id
         self.rate = sample_rate
         self.session_id = f"gw{uuid.uuid4().hex[:16]}"
-        self.inbox: asyncio.Queue[Event | TurnCancelledNotice] = asyncio.Queue()
+        self.inbox: asyncio.Queue[Event | TurnCancelledNotice | ReleaseNotice] = asyncio.Queue()
         self.turns: dict[str, TurnState] = {}
         self.forgotten: deque[str] = deque(maxlen=4096)  # ids of finished, dropped turns
         self.current: TurnState | None = None  # the turn whose audio the device gets now
@@ -217,9 +234,13 @@ class DeviceSession:
                 event = await self.inbox.get()
                 await self.on_event(event)
 
-    async def on_event(self, event: Event | TurnCancelledNotice) -> None:
+    async def on_event(self, event: Event | TurnCancelledNotice | ReleaseNotice) -> None:
         if isinstance(event, TurnCancelledNotice):
-            await self.on_cancelled(event.turn_id)
+            await self.on_cancelled(event.turn_id, event.reason)
+            return
+        if isinstance(event, ReleaseNotice):  # through the inbox: in order with the audio
+            if (released := self.turns.get(event.turn_id)) is not None:
+                await self.release(released)
             return
         turn_id = getattr(event, "turn_id", "")
         if not turn_id:
@@ -235,11 +256,24 @@ class DeviceSession:
             turn.traceparent = event.traceparent
         if isinstance(event, SpeechStarted):
             turn.speech_start_ns = self.wall_ns(event.audio_ms)
-            await self.send_json({"type": "speech_started", "turn_id": turn_id})
+            continued = self.turns.get(event.continues) if event.continues else None
+            if event.continues:
+                turn.continues = event.continues
+            if continued is not None and continued.speech_start_ns is not None:
+                turn.speech_start_ns = continued.speech_start_ns  # the whole utterance
+            await self.send_json({"type": "speech_started", "turn_id": turn_id,
+                                  "continues": event.continues})
             return
         if isinstance(event, TurnEnded):
+            if not event.tentative and turn.held:  # the commit: its reply may play now
+                turn.held, turn.committed_ns = False, event.created_ns
+                await self.release(turn)
+                return
             turn.speech_end_ms, turn.decided_ns, turn.rule = (event.speech_end_ms,
                                                                event.created_ns, event.rule)
+            turn.held = event.tentative and not turn.cancelled
+            if turn.held:
+                self.gateway.spawn(self.hold_limit(turn))
             turn.speech_end_ns = self.wall_ns(event.speech_end_ms)
         elif isinstance(event, Transcript) and event.final:
             turn.transcript_ns = event.created_ns
@@ -272,7 +306,19 @@ class DeviceSession:
         if key < turn.next_part or key in turn.pending:
             return  # a duplicate (a redelivered TTS job): each part goes out once
         turn.pending[key] = chunk
-        while turn.next_part in turn.pending:
+        await self.release(turn)
+
+    async def hold_limit(self, turn: TurnState) -> None:
+        await asyncio.sleep(HOLD_LIMIT_S)
+        if turn.held and not turn.cancelled:
+            log.warning("turn %s: no commit %.0f s after its tentative end; playing it",
+                        turn.turn_id, HOLD_LIMIT_S)
+            turn.held = False
+            self.inbox.put_nowait(ReleaseNotice(turn.turn_id))
+
+    async def release(self, turn: TurnState) -> None:
+        """Send the turn's audio parts that are next in order (none while it is held)."""
+        while not turn.held and turn.next_part in turn.pending:
             part = turn.pending.pop(turn.next_part)
             await self.send_audio(turn, part)
             if turn.cancelled:
@@ -295,24 +341,36 @@ class DeviceSession:
                                   "sample_rate": part.sample_rate})
         if turn.first_sent_ns is None:
             turn.first_sent_ns = time.time_ns()
+            self.gateway.spawn(self.mark_audible(turn))
         await self.ws.send(part.pcm)
         n = len(part.pcm) // 2
         turn.sent_samples += n
         turn.samples[part.seq] = turn.samples.get(part.seq, 0) + n
+
+    async def mark_audible(self, turn: TurnState) -> None:
+        """The device is about to hear this turn: speech from now on (past the VAD's
+        grace time) is a barge-in, not a continuation of the user's turn."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.gateway.redis.set(self.keys.audible(self.session_id),
+                                         f"{turn.turn_id} {turn.first_sent_ns}",
+                                         ex=self.gateway.config.redis.session_ttl_s)
 
     async def end_turn(self, turn: TurnState, *, interrupted: bool) -> None:
         if turn.done:
             return
         turn.done = True
         await self.send_json({"type": "turn_done", "turn_id": turn.turn_id,
-                              "interrupted": interrupted, "trace_id": turn.trace_id,
+                              "interrupted": interrupted, "continued": turn.continued,
+                              "continues": turn.continues, "trace_id": turn.trace_id,
                               "rule": turn.rule, "latency_ms": turn.latency_ms()})
+        outcome = ("continued" if turn.continued else "cut off" if interrupted else "sent")
         with log_context(session_id=self.session_id, turn_id=turn.turn_id):
-            log.info("turn %s %s: %s", turn.turn_id, "cut off" if interrupted else "sent",
-                     turn.latency_ms())
+            log.info("turn %s %s: %s", turn.turn_id, outcome, turn.latency_ms())
         self.record_spans(turn, interrupted)
         latency = turn.latency_ms()
-        metrics.record_turn(latency, interrupted)
+        metrics.record_turn(latency, interrupted, turn.continued)
+        if turn.continued:
+            return  # not a turn the user waited for: no latency entry
         with contextlib.suppress(RedisError, OSError):
             await self.gateway.redis.xadd(
                 self.keys.turn_latency(), metrics.turn_entry(latency, interrupted, turn.rule),
@@ -325,12 +383,22 @@ class DeviceSession:
         the playback span, with the ids the turn's events already name as parent."""
         now = time.time_ns()
         start = turn.speech_start_ns or turn.speech_end_ns or turn.decided_ns or now
+        outcome = "continued" if turn.continued else "interrupted" if interrupted else "answered"
         attributes: dict[str, Any] = {
             semconv.SESSION_ID: self.session_id, semconv.TURN_ID: turn.turn_id,
             semconv.USER_ID: self.user_id, semconv.INTERRUPTED: interrupted,
-            semconv.TURN_RULE: turn.rule,
+            semconv.TURN_RULE: turn.rule, semconv.TURN_OUTCOME: outcome,
+            **({semconv.TURN_CONTINUES: turn.continues} if turn.continues else {}),
             **{semconv.LATENCY_PREFIX + k: v for k, v in turn.latency_ms().items()}}
         tracer = telemetry.tracer()
+        if turn.continued:
+            # The trace's root is recorded by the turn that continues this one (the same
+            # trace covers the whole utterance); this one is a marked child of it.
+            if turn.traceparent:
+                tracer.start_span(semconv.TURN_CONTINUED, start_time=min(start, now),
+                                  context=telemetry.parent_of(turn.traceparent),
+                                  attributes=attributes).end(end_time=now)
+            return
         with telemetry.root_span_ids(turn.traceparent) as preset:
             if not preset:
                 return  # events without trace context (a producer that sets none)
@@ -342,33 +410,39 @@ class DeviceSession:
                                   semconv.SENT_SAMPLES: turn.sent_samples,
                                   semconv.INTERRUPTED: interrupted}).end(end_time=now)
 
-    async def on_cancelled(self, turn_id: str) -> None:
+    async def on_cancelled(self, turn_id: str, reason: str = "") -> None:
+        continued = reason == "continued"
         turn = self.turns.get(turn_id)
         if turn is None:  # nothing of it reached us yet: make sure nothing will be sent
-            self.turns[turn_id] = TurnState(turn_id, cancelled=True, done=True)
+            self.turns[turn_id] = TurnState(turn_id, cancelled=True, done=True,
+                                            continued=continued)
             return
         if turn.cancelled:
             return
         fully_played = turn.done and turn.played >= turn.sent_samples
         turn.cancelled = True
+        turn.continued = continued and not fully_played
         turn.pending.clear()
         cancelled_at = time.monotonic()
         if fully_played:
             return
         if not turn.sent_samples:  # cut off before any of it was played: the user heard nothing
-            await self.end_turn(turn, interrupted=True)
-            if turn.texts:
+            await self.end_turn(turn, interrupted=not continued)
+            if turn.texts and not continued:
                 self.gateway.spawn(self.store_heard(turn))
             return
         # Audio went out: stop (nothing more is sent from here on), flush the device,
-        # then store what was heard (in the background: the next turn goes on).
+        # then store what was heard (in the background: the next turn goes on). A
+        # continued turn stores nothing: the LLM stage drops its reply from memory.
         turn.played_event.clear()
-        await self.send_json({"type": "flush", "turn_id": turn_id, "reason": "barge-in"})
-        log.info("barge-in on turn %s: audio stopped %.1f ms after the cancel arrived "
-                 "(%d samples had been sent)", turn_id, (time.monotonic() - cancelled_at) * 1000,
-                 turn.sent_samples)
-        await self.end_turn(turn, interrupted=True)
-        self.gateway.spawn(self.store_heard(turn))
+        await self.send_json({"type": "flush", "turn_id": turn_id,
+                              "reason": "continued" if continued else "barge-in"})
+        log.info("%s on turn %s: audio stopped %.1f ms after the cancel arrived "
+                 "(%d samples had been sent)", "continuation" if continued else "barge-in",
+                 turn_id, (time.monotonic() - cancelled_at) * 1000, turn.sent_samples)
+        await self.end_turn(turn, interrupted=not continued)
+        if not continued:
+            self.gateway.spawn(self.store_heard(turn))
 
     async def store_heard(self, turn: TurnState) -> None:
         """Wait briefly for the device's played report, then keep only what was heard."""
@@ -408,7 +482,7 @@ class DeviceSession:
                 pipe.expire(keys.audio(sid), ttl)  # the VAD shortens it once it has read it
                 pipe.expire(keys.out(sid), min(ttl, 60))
                 pipe.expire(keys.cancelled(sid), ttl)
-                pipe.delete(keys.active_turn(sid))
+                pipe.delete(keys.active_turn(sid), keys.audible(sid))
                 await pipe.execute()
 
 
@@ -423,6 +497,14 @@ class Closing(Exception):
 @dataclass(frozen=True)
 class TurnCancelledNotice:
     """Internal: the cancel lane said a turn of this session was cancelled."""
+
+    turn_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ReleaseNotice:
+    """Internal: a held turn's audio may go out (its hold limit passed)."""
 
     turn_id: str
 
@@ -631,10 +713,10 @@ class Gateway:
                     if session is not None:
                         session.inbox.put_nowait(event)
 
-    def _on_cancel(self, session_id: str, turn_id: str) -> None:
+    def _on_cancel(self, session_id: str, turn_id: str, reason: str) -> None:
         session = self.sessions.get(session_id)
         if session is not None:
-            session.inbox.put_nowait(TurnCancelledNotice(turn_id))
+            session.inbox.put_nowait(TurnCancelledNotice(turn_id, reason))
 
     async def watch_cancels(self) -> None:
         """Tail the cancel lane; a cancelled turn of a session here goes to that session."""

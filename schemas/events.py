@@ -106,8 +106,14 @@ class SessionEnded(Event, frozen=True, kw_only=True, tag="session_ended"):
     reason: Reason = ""
 
 
+# The turn a continued turn replaces: the user spoke again before hearing any of its
+# reply, so that reply is dropped and this turn covers the whole utterance.
+Continues = Annotated[str, Meta(max_length=128, pattern=r"^$|^[A-Za-z0-9._:@-]+$")]
+
+
 class SpeechStarted(TurnEvent, frozen=True, kw_only=True, tag="speech_started"):
     audio_ms: Millis  # where speech began, in the session's audio time
+    continues: Continues = ""  # non-empty: this speech continues that (ended) turn
 
 
 class SpeechStopped(TurnEvent, frozen=True, kw_only=True, tag="speech_stopped"):
@@ -129,6 +135,13 @@ class TurnEnded(TurnEvent, frozen=True, kw_only=True, tag="turn_ended"):
     # (speculative=False) follows, or the user goes on and the guess is wasted.
     speculative: bool = False
     user_id: UserId = ""
+    continues: Continues = ""  # the turn this one replaces (see SpeechStarted)
+    # What the transcript at the deciding pause said ("incomplete: ends on 'and'").
+    text_verdict: Annotated[str, Meta(max_length=256)] = ""
+    # Ended before the transcript's verdict was in: ASR and the LLM start, but nothing
+    # of the reply is played until the VAD sends this turn's TurnEnded again with
+    # tentative=False (the commit; on the out stream only), or the turn is continued.
+    tentative: bool = False
 
     def __post_init__(self) -> None:
         _check_pcm16(self.audio)
@@ -143,6 +156,7 @@ class Transcript(TurnEvent, frozen=True, kw_only=True, tag="transcript"):
     error: Reason = ""
     language: Annotated[str, Meta(max_length=16)] = ""
     user_id: UserId = ""
+    continues: Continues = ""  # the turn whose user message this transcript replaces
 
 
 class TextChunk(TurnEvent, frozen=True, kw_only=True, tag="text_chunk"):

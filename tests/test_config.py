@@ -231,10 +231,12 @@ def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 
 
-def test_unimplemented_adaptive_tuning_is_refused_not_ignored() -> None:
+def test_adaptive_tuning_bounds_are_checked() -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(env={"VOICEBUS_VAD__ADAPTIVE__ENABLED": "true"})
-    assert "vad.adaptive.enabled" in str(err.value) and "not implemented" in str(err.value)
+        load_config(env={"VOICEBUS_VAD__ADAPTIVE__MAX_STRETCH": "0.5"})
+    assert "vad.adaptive.max_stretch" in str(err.value)
+    assert load_config(env={"VOICEBUS_VAD__ADAPTIVE__ENABLED": "false"}).vad.adaptive.enabled \
+        is False
 
 
 def test_vad_thresholds_must_be_ordered() -> None:

@@ -6,6 +6,7 @@ fed final transcripts. Plus the backend against the scripted server, in process.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -259,9 +260,14 @@ def test_backend_streams_deltas_and_reports_failures() -> None:
 def test_killing_one_of_two_llm_workers_mid_reply_still_completes_the_turn(
         workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
     pieces = [f"Part {i} of the answer. " for i in range(12)]
-    server.scripts = [Script.reply(pieces, delay=0.15)]
+    # The first worker's reply stops after three sentences until the test is done with it
+    # (never released: it dies mid-reply, however slow the machine is); the survivor
+    # gets the whole reply.
+    mid_reply = threading.Event()
+    server.scripts = [Script.reply(pieces, hold=(3, mid_reply)), Script.reply(pieces)]
+    # A long timeout: the held reply must not end as "stalled" before the kill.
     first = workers.start_cli("llm", VOICEBUS_LLM__BASE_URL=server.url,
-                              VOICEBUS_LLM__TIMEOUT=str(TIMEOUT))
+                              VOICEBUS_LLM__TIMEOUT="120")
     keys = Keys(workers.prefix)
     session, _ = ask(sync_redis, keys, "tell me everything")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -24,7 +26,9 @@ from workers.backends.smart_turn import SmartTurnModel
 from workers.config import Config, VadConfig
 from workers.turn_detection import (
     Blip,
+    Commit,
     NeedsTurnCheck,
+    Resumed,
     SpeechStart,
     SpeechStop,
     TurnDetector,
@@ -37,19 +41,43 @@ def models() -> tuple[SileroModel, SmartTurnModel]:
     return SileroModel(), SmartTurnModel()
 
 
+Transcribe = Callable[[TurnEnd], "str | None"]
+
+
 def detect(audio: np.ndarray, models: tuple[SileroModel, SmartTurnModel],
-           config: VadConfig | None = None, chunk: int = 512) -> list[object]:
-    """Run the detector over audio in ``chunk``-sized pieces, answering its model checks."""
+           config: VadConfig | None = None, chunk: int = 512, *,
+           transcribe: Transcribe | None = None, text_after_s: float = 0.3,
+           continue_turns: bool = False, stretch: float = 1.0) -> list[object]:
+    """Run the detector over audio in ``chunk``-sized pieces, answering its model checks.
+
+    ``transcribe`` plays ASR: it gets each speculative TurnEnd and its answer reaches the
+    detector ``text_after_s`` of audio later (as a transcript would, in real time). With
+    ``continue_turns`` every speech start after an ended turn continues it (nothing was
+    heard in between)."""
     silero, smart = models
     detector = TurnDetector(config or Config().vad, silero.stream())
+    detector.stretch = stretch
     actions: list[object] = []
     pending: list[object] = []
+    texts: list[tuple[int, int, str | None]] = []  # (due at, speech end, text)
+    def due_texts() -> None:
+        for due, speech_end, text in [t for t in texts if t[0] <= detector.pos]:
+            texts.remove((due, speech_end, text))
+            pending.extend(detector.texted(speech_end, text))
+
     for i in range(0, audio.size - 511, 512):
         pending.extend(detector.push(audio[i:i + 512]))
+        due_texts()
         while pending:
             action = pending.pop(0)
+            due_texts()
             if isinstance(action, NeedsTurnCheck):
                 pending.extend(detector.judged(smart.probability(action.audio)))
+            elif isinstance(action, TurnEnd) and action.speculative and transcribe:
+                texts.append((detector.pos + int(text_after_s * RATE), action.speech_end,
+                              transcribe(action)))
+            elif isinstance(action, SpeechStart) and continue_turns and detector.continuable:
+                pending.extend(detector.continue_turn())
             actions.append(action)
     return actions + list(detector.flush())
 
@@ -216,3 +244,95 @@ def test_quality_gating_rejects_what_a_fooled_vad_calls_speech(models) -> None: 
 
     assert not any(isinstance(a, SpeechStart) for a in run(gating=True))
     assert any(isinstance(a, SpeechStart) for a in run(gating=False))
+
+
+# -- the transcript as a signal, tentative ends, continuation, learned pauses ---------
+def commits(actions: list[object]) -> list[Commit]:
+    return [a for a in actions if isinstance(a, Commit)]
+
+
+def test_a_confident_end_is_tentative_until_the_text_agrees(models) -> None:  # type: ignore[no-untyped-def]
+    actions = detect(join(silence(1.0), speech(GO_FORWARD), silence(2.5)), models,
+                     transcribe=lambda _: "Go forward ten meters.", text_after_s=0.4)
+    [turn] = turns(actions)
+    assert turn.rule == "smart_turn" and turn.tentative and 150 <= turn.delay_ms <= 300
+    [commit] = commits(actions)  # as soon as the text came, 0.4 s of audio later
+    assert commit.rule == "text" and commit.text_verdict.startswith("complete")
+    assert (commit.decided - turn.decided) / RATE == pytest.approx(0.4, abs=0.05)
+
+
+def test_text_that_goes_on_holds_the_turn_to_the_silence_timeout(models) -> None:  # type: ignore[no-untyped-def]
+    actions = detect(join(silence(1.0), speech(GO_FORWARD), silence(2.5)), models,
+                     transcribe=lambda _: "Go forward ten meters and")
+    [turn] = turns(actions)
+    assert turn.tentative  # Smart Turn was sure; the text came after
+    [commit] = commits(actions)
+    assert commit.rule == "silence_timeout" and "ends on 'and'" in commit.text_verdict
+    assert (commit.decided - turn.speech_end) / RATE == pytest.approx(1.5, abs=0.05)
+
+
+def test_text_known_before_smart_turn_decides_gives_a_committed_end(models) -> None:  # type: ignore[no-untyped-def]
+    actions = detect(join(silence(1.0), speech(GO_FORWARD), silence(2.5)), models,
+                     transcribe=lambda _: "Go forward ten meters,", text_after_s=0.0)
+    [turn] = turns(actions)  # the comma says it goes on: no tentative end, the timeout
+    assert not turn.tentative and turn.rule == "silence_timeout"
+    assert turn.text_verdict.startswith("incomplete") and commits(actions) == []
+
+
+def test_no_transcript_falls_back_to_smart_turn(models) -> None:  # type: ignore[no-untyped-def]
+    actions = detect(join(silence(1.0), speech(GO_FORWARD), silence(2.5)), models,
+                     transcribe=lambda _: None)
+    [turn] = turns(actions)
+    [commit] = commits(actions)
+    assert turn.tentative and commit.rule == "text" and commit.text_verdict.startswith("unknown")
+
+
+def test_a_short_turn_ends_fast_only_when_smart_turn_and_the_text_agree(models) -> None:  # type: ignore[no-untyped-def]
+    # "Short": less speech than min_speech_duration (Go forward has ~1.9 s of it).
+    cfg = Config().vad.model_copy(update={"fallback": Config().vad.fallback.model_copy(
+        update={"min_speech_duration": 3.0})})
+    audio = join(silence(1.0), speech(GO_FORWARD), silence(2.5))
+    agreed = detect(audio, models, cfg, transcribe=lambda _: "Go forward ten meters.")
+    [turn] = turns(agreed)
+    [commit] = commits(agreed)
+    assert turn.rule == "smart_turn" and commit.rule == "text"
+    assert (commit.decided - turn.speech_end) * 1000 // RATE <= 600
+    unsure = detect(audio, models, cfg, transcribe=lambda _: None)
+    [commit] = commits(unsure)  # no text: Smart Turn alone does not end a short turn
+    assert commit.rule == "silence_timeout"
+
+
+def test_a_question_ends_at_the_probable_wait_even_if_smart_turn_doubts(models) -> None:  # type: ignore[no-untyped-def]
+    # Smart Turn judges this excerpt unfinished (see above); a question mark says it is.
+    actions = detect(join(silence(1.0), speech(LIBRIVOX), silence(2.5)), models,
+                     transcribe=lambda _: "Was he not an ill disposed young man?")
+    [turn] = turns(actions)
+    assert turn.rule == "smart_turn_probable" and not turn.tentative
+    assert 700 <= turn.delay_ms <= 800
+
+
+def test_speech_before_the_reply_continues_the_turn_from_its_first_word(models) -> None:  # type: ignore[no-untyped-def]
+    audio = join(silence(1.0), speech(GO_FORWARD), silence(1.0), speech(ARCTIC), silence(2.5))
+    actions = detect(audio, models, continue_turns=True)
+    first, whole = turns(actions)
+    assert whole.start == first.start  # one turn from the first speech...
+    assert whole.speech_end > first.speech_end + 2 * RATE  # ...to the end of the second
+    head = first.audio.size
+    assert np.array_equal(whole.audio[:head - 2000], first.audio[:head - 2000])
+    [resumed] = [a for a in actions if isinstance(a, Resumed)]
+    assert resumed.pause / RATE == pytest.approx(1.0 + 0.43 + 0.21, abs=0.2)
+
+
+def test_learned_long_pauses_stretch_the_silence_timeout(models) -> None:  # type: ignore[no-untyped-def]
+    audio = join(silence(1.0), speech(LIBRIVOX), silence(3.5))
+    [turn] = turns(detect(audio, models, stretch=1.6))
+    assert turn.rule == "silence_timeout" and 2400 <= turn.delay_ms <= 2450
+
+
+def test_a_resumed_pause_is_reported_for_learning(models) -> None:  # type: ignore[no-untyped-def]
+    audio = join(silence(1.0), with_pause(ARCTIC, ARCTIC_COMMA_S, 0.6), silence(2.0))
+    actions = detect(audio, models, transcribe=lambda _: "He turned sharply,")
+    [turn] = turns(actions)
+    assert turn.speech_end / RATE > 1.0 + 2.88 + 0.6 - 0.15
+    pauses = [a.pause / RATE for a in actions if isinstance(a, Resumed)]
+    assert len(pauses) == 1 and 0.6 <= pauses[0] <= 0.9

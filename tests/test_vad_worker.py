@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import redis
@@ -25,14 +27,17 @@ from workers.keys import Keys
 
 
 def stream_session(r: redis.Redis, keys: Keys, sid: str, audio: np.ndarray, rate: int = RATE,
-                   frame_ms: int = 20, end: bool = True, user: str = "u") -> None:
+                   frame_ms: int = 20, end: bool = True, user: str = "u",
+                   announce: bool = True, first_seq: int = 0) -> None:
     """Announce a session and send its audio as frames (decisions are in audio time,
     so sending faster than real time changes nothing)."""
-    publish(r, keys.sessions(), SessionStarted(session_id=sid, user_id=user, sample_rate=rate))
+    if announce:
+        publish(r, keys.sessions(),
+                SessionStarted(session_id=sid, user_id=user, sample_rate=rate))
     data = pcm(resample(audio, RATE, rate))
     step = rate * frame_ms // 1000 * 2
     pipe = r.pipeline(transaction=False)
-    for seq, offset in enumerate(range(0, len(data), step)):
+    for seq, offset in enumerate(range(0, len(data), step), first_seq):
         pipe.xadd(keys.audio(sid), {FIELD: encode(AudioFrame(
             session_id=sid, seq=seq, sample_rate=rate, pcm=data[offset:offset + step]))})
     if end:
@@ -65,7 +70,9 @@ def test_a_spoken_command_becomes_a_turn(workers, prefix, sync_redis) -> None:  
 
 def test_two_sentences_are_two_turns_in_order(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
     keys = Keys(prefix)
-    workers.start_cli("vad")
+    # Without continuation: with it, the second sentence would continue the first (no
+    # reply was heard in between; see the next test).
+    workers.start_cli("vad", VOICEBUS_VAD__CONTINUATION__ENABLED="false")
     audio = join(silence(0.5), speech(GO_FORWARD), silence(2.0), speech(ARCTIC), silence(2.0))
     stream_session(sync_redis, keys, "s1", audio)
     turns = wait_for(lambda: (t := final_turns(sync_redis, keys)) and len(t) == 2 and t,
@@ -79,6 +86,50 @@ def test_two_sentences_are_two_turns_in_order(workers, prefix, sync_redis) -> No
         started = [e for e in read_all(sync_redis, keys.out("s1"))
                    if isinstance(e, SpeechStarted) and e.turn_id == turn.turn_id]
         assert [e.traceparent for e in started] == [turn.traceparent]
+
+
+def test_speech_before_any_reply_was_heard_continues_the_turn(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    workers.start_cli("vad")
+    audio = join(silence(0.5), speech(GO_FORWARD), silence(1.0), speech(ARCTIC), silence(2.5))
+    stream_session(sync_redis, keys, "s1", audio)
+    first, whole = wait_for(lambda: (t := final_turns(sync_redis, keys)) and len(t) == 2 and t,
+                            what="the cut turn and the turn that continues it")
+    # The first sentence ended a turn; the user went on before hearing anything, so its
+    # reply is dropped (cancelled as "continued") and the next turn covers both sentences,
+    # from the first speech start, in the same trace, naming the turn it replaces.
+    assert whole.continues == first.turn_id and whole.turn_id != first.turn_id
+    assert whole.speech_start_ms == first.speech_start_ms
+    assert whole.speech_end_ms > first.speech_end_ms + 1000
+    assert len(whole.audio) > len(first.audio) + 2 * RATE * 2
+    assert whole.traceparent == first.traceparent
+    cancels = wait_for(lambda: [e for e in read_all(sync_redis, keys.control())
+                                if isinstance(e, TurnCancelled)], what="the cancel")
+    assert [(c.turn_id, c.reason) for c in cancels] == [(first.turn_id, "continued")]
+    started = [e for e in read_all(sync_redis, keys.out("s1")) if isinstance(e, SpeechStarted)]
+    assert [(e.turn_id, e.continues) for e in started] == [
+        (first.turn_id, ""), (whole.turn_id, first.turn_id)]
+    wait_for(lambda: sync_redis.get(keys.active_turn("s1")) == whole.turn_id.encode(),
+             what="the whole turn is the live agent turn")
+
+
+def test_speech_after_the_reply_was_heard_is_a_barge_in(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    workers.start_cli("vad")
+    # The gateway marks the reply audible when it sends its first audio: long before the
+    # user speaks again (frame times are their arrival, i.e. now).
+    stream_session(sync_redis, keys, "s1", join(silence(0.5), speech(GO_FORWARD), silence(2.0)),
+                   end=False)
+    [first] = wait_for(lambda: final_turns(sync_redis, keys), what="the first turn")
+    sync_redis.set(keys.audible("s1"), f"{first.turn_id} {time.time_ns() - 2_000_000_000}")
+    stream_session(sync_redis, keys, "s1", join(speech(ARCTIC), silence(2.0)), announce=False,
+                   first_seq=1000)
+    turns = wait_for(lambda: (t := final_turns(sync_redis, keys)) and len(t) == 2 and t,
+                     what="a second turn")
+    assert turns[1].continues == "" and turns[1].speech_start_ms > first.speech_end_ms
+    cancels = wait_for(lambda: [e for e in read_all(sync_redis, keys.control())
+                                if isinstance(e, TurnCancelled)], what="the cancel")
+    assert [(c.turn_id, c.reason) for c in cancels] == [(first.turn_id, "barge-in")]
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])

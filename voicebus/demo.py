@@ -52,12 +52,18 @@ def answered(turn: TurnResult) -> bool:
     return bool(turn.audio) and not turn.interrupted
 
 
+def user_turns(turns: list[TurnResult]) -> list[TurnResult]:
+    """The turns the user took: a turn dropped because the user went on speaking (it was
+    continued) is part of the turn that continues it, not a turn of its own."""
+    return [turn for turn in turns if not turn.continued]
+
+
 def as_json(turn: TurnResult) -> dict[str, Any]:
     return {"turn_id": turn.turn_id, "trace_id": turn.trace_id, "transcript": turn.transcript,
             "reply": turn.reply, "audio_path": turn.audio_path,
             "audio_seconds": round(len(turn.audio) / 2 / turn.sample_rate, 3),
             "interrupted": turn.interrupted, "answered": answered(turn),
-            "latency_ms": turn.latency_ms}
+            "continues": turn.continues, "latency_ms": turn.latency_ms}
 
 
 def as_text(turn: TurnResult) -> str:
@@ -77,10 +83,11 @@ async def run(config: Config, gateway_url: str, wavs: list[Path],
     token = mint(secret, user, config.gateway.token_ttl_s)
     out = out_dir or Path(tempfile.mkdtemp(prefix="voicebus-demo-"))
     out.mkdir(parents=True, exist_ok=True)
-    return await talk_wavs(gateway_url, token, wavs, out_dir=out)
+    return user_turns(await talk_wavs(gateway_url, token, wavs, out_dir=out))
 
 
 def print_results(turns: list[TurnResult], json_lines: bool, expected: int) -> None:
+    turns = user_turns(turns)
     for turn in turns:
         print(json.dumps(as_json(turn)) if json_lines else as_text(turn), flush=True)
     if not json_lines:

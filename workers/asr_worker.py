@@ -130,8 +130,8 @@ class AsrStage:
         return Transcript(
             session_id=event.session_id, turn_id=event.turn_id, final=True,
             text=text[:16_384], language=language[:16], failed=bool(failed),
-            error=failed[:1_024], user_id=event.user_id, traceparent=event.traceparent,
-            tracestate=event.tracestate)
+            error=failed[:1_024], user_id=event.user_id, continues=event.continues,
+            traceparent=event.traceparent, tracestate=event.tracestate)
 
     # -- speculative turns ---------------------------------------------------
     async def _speculate(self, event: TurnEnded, ctx: Context) -> None:

@@ -29,9 +29,9 @@ class CancelLane:
         self._cancelled: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._waiters: dict[tuple[str, str], asyncio.Event] = {}
         self._last_seen: str | None = None  # control-stream position, kept across reconnects
-        # Called with (session_id, turn_id) the first time a cancel is seen (the gateway
-        # uses it to stop a session's audio the moment its turn is cancelled).
-        self.listeners: list[Callable[[str, str], None]] = []
+        # Called with (session_id, turn_id, reason) the first time a cancel is seen (the
+        # gateway uses it to stop a session's audio the moment its turn is cancelled).
+        self.listeners: list[Callable[[str, str, str], None]] = []
 
     async def cancel(self, session_id: str, turn_id: str, reason: str = "") -> None:
         key = self.bus.keys.cancelled(session_id)
@@ -59,6 +59,10 @@ class CancelLane:
         self._remember(session_id, turn_id, as_str(reason))
         return True
 
+    def reason(self, session_id: str, turn_id: str) -> str | None:
+        """Why a turn was cancelled ("barge-in", "continued", ...), as far as seen here."""
+        return self._cancelled.get((session_id, turn_id))
+
     def waiter(self, session_id: str, turn_id: str) -> asyncio.Event:
         """An event set when the turn is cancelled (to race a long model call against)."""
         key = (session_id, turn_id)
@@ -82,7 +86,7 @@ class CancelLane:
             waiter.set()
         if new:
             for listener in self.listeners:
-                listener(session_id, turn_id)
+                listener(session_id, turn_id, reason)
 
     async def watch(self, reader: aioredis.Redis, block_ms: int, stop: asyncio.Event) -> None:
         """Tail the control stream until ``stop`` (errors propagate to the caller's retry)."""

@@ -91,17 +91,45 @@ class QualityGatingConfig(_Section):
     max_noise_level: Probability = 0.5
 
 
-class AdaptiveConfig(_Section):
-    """Per-user threshold tuning, learned from that user's speech over time."""
-    enabled: bool = False
-    adjustment_rate: Probability = 0.1
+class EndpointingConfig(_Section):
+    """How the signals at a pause combine into a wait (see ``workers.turn_detection``).
 
-    @field_validator("enabled")
-    @classmethod
-    def _not_yet(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("adaptive per-user tuning is not implemented yet; set it to false")
-        return v
+    Smart Turn sets the wait: P >= confidence_threshold ends the turn at once,
+    P >= threshold after ``probable_silence``, lower after the silence timeout. The
+    transcript of the turn so far can only lengthen it (it ends on "and", "to", a
+    comma or an unfinished list: the silence timeout) or, for a question, shorten it
+    to ``probable_silence``. A turn shorter than ``fallback.min_speech_duration`` ends
+    early only when Smart Turn and the text agree.
+    """
+    text: bool = True  # use the speculative transcript at each pause (needs speculative_asr)
+    text_wait: NonNegativeFloat = 0.8  # s (wall clock) to wait for it; then decide without it
+    probable_silence: PositiveFloat = 0.75  # s of silence that ends a probable end
+
+
+class ContinuationConfig(_Section):
+    """Speech after a turn ended but before the user heard any of the reply goes on
+    with that turn (the pending reply is dropped silently); after they heard it, it is
+    a barge-in."""
+    enabled: bool = True
+    # The reply counts as heard once its first audio was sent this long before the
+    # user's new speech began (network, playout buffer and reaction time).
+    heard_after: NonNegativeFloat = 0.3
+    # Speech more than this long after the turn's last speech starts a new turn even
+    # if nothing was heard yet (the pending reply is then cancelled as a barge-in).
+    max_gap: PositiveFloat = 6.0
+
+
+class AdaptiveConfig(_Section):
+    """Per-user pause lengths, learned over time: users who pause long mid-turn get
+    longer waits (the silence timeout and the probable-end wait), within bounds."""
+    enabled: bool = True
+    # Weight of each new inner pause in the user's running average (exponential).
+    adjustment_rate: Probability = 0.1
+    # The waits stretch to cover `margin` x the user's average inner pause ...
+    margin: PositiveFloat = 2.0
+    # ... but never beyond this multiple of their configured value.
+    max_stretch: Annotated[float, Field(ge=1.0, le=4.0)] = 2.0
+    ttl_s: PositiveInt = 30 * 86400  # a user's learned pauses are forgotten after this
 
 
 class VadConfig(_Section):
@@ -120,6 +148,8 @@ class VadConfig(_Section):
     smart_turn: SmartTurnConfig = Field(default_factory=SmartTurnConfig)
     fallback: VadFallbackConfig = Field(default_factory=VadFallbackConfig)
     quality_gating: QualityGatingConfig = Field(default_factory=QualityGatingConfig)
+    endpointing: EndpointingConfig = Field(default_factory=EndpointingConfig)
+    continuation: ContinuationConfig = Field(default_factory=ContinuationConfig)
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
 
 

@@ -54,6 +54,11 @@ class Keys:
         deletes it when the last audio of the turn has been played."""
         return f"{self.prefix}:{{{session_id}}}:active_turn"
 
+    def audible(self, session_id: str) -> str:
+        """``"<turn_id> <wall ns>"``: the agent turn whose first audio the gateway sent to
+        the device, and when (speech after that, past a grace time, is a barge-in)."""
+        return f"{self.prefix}:{{{session_id}}}:audible"
+
     def asr_result(self, session_id: str, turn_id: str, speech_end_ms: int) -> str:
         """A transcript parked between a turn's speculative and final TurnEnded. The
         speech end is part of it: if the user went on, the final audio differs."""
@@ -76,6 +81,10 @@ class Keys:
         """What the user heard of an interrupted reply, when it is known before the
         reply is stored (the gateway reports playback; the LLM stage stores the reply)."""
         return f"{self.prefix}:user:{{{user_id}}}:heard:{turn_id}"
+
+    def user_pauses(self, user_id: str) -> str:
+        """A user's learned mid-turn pause length (adaptive turn detection)."""
+        return f"{self.prefix}:user:{{{user_id}}}:pauses"
 
     def user_summarizing(self, user_id: str) -> str:
         """A lock: one worker at a time summarizes a user's conversation."""

@@ -11,7 +11,10 @@
   words are stored before the model is asked; the reply is stored when it ends, as
   what was *spoken*: a cancelled turn stores only the chunks already sent, marked
   interrupted (the gateway narrows that to what was played, via
-  ``ConversationMemory.record_heard``). Both are stored once per turn, so a
+  ``ConversationMemory.record_heard``). A transcript that *continues* a turn (the
+  user went on before hearing its reply) replaces that turn's messages with the
+  whole utterance, and a reply cancelled as ``continued`` is not stored at all.
+  Both are stored once per turn, so a
   redelivered turn is not remembered twice. After storing, a background task
   summarizes when the history is long (``workers.summarizer``). Memory is best
   effort: if Redis cannot serve it the turn is answered without history.
@@ -214,8 +217,12 @@ class LlmStage:
                              semconv.GEN_AI_MAX_TOKENS: self.config.max_tokens,
                              semconv.GEN_AI_TEMPERATURE: self.config.temperature,
                              semconv.USER_ID: user})
-        messages = await self._prompt(ctx, user, event)
-        await self._remember(ctx, user, event, "user", event.text)
+        if event.continues:  # the whole utterance replaces the fragment (and its reply)
+            await self._continue(ctx, user, event)
+            messages = await self._prompt(ctx, user, event)
+        else:
+            messages = await self._prompt(ctx, user, event)
+            await self._remember(ctx, user, event, "user", event.text)
         turn = _Turn()
         async for emit in self._reply(event, ctx, messages, turn):
             yield emit
@@ -227,6 +234,9 @@ class LlmStage:
         if self.full_config.tracing.capture_content:
             span.set_attributes({semconv.CONTENT_TRANSCRIPT: event.text,
                                  semconv.CONTENT_REPLY: " ".join(t for t in turn.spoken if t)})
+        if turn.outcome == "cancelled" and ctx.cancel_reason() == "continued":
+            log.info("reply dropped: the user went on before hearing it")
+            return
         if turn.spoken and any(turn.spoken):
             await self._remember(ctx, user, event, "assistant", " ".join(
                 t for t in turn.spoken if t), interrupted=turn.outcome == "cancelled")
@@ -249,6 +259,14 @@ class LlmStage:
                                           turn_id=event.turn_id)
         except (RedisError, OSError) as exc:
             log.warning("could not store the %s message (%s: %s)", role,
+                        type(exc).__name__, exc)
+
+    async def _continue(self, ctx: Context, user: str, event: Transcript) -> None:
+        try:
+            await self.memory(ctx).continue_turn(user, event.continues, event.turn_id,
+                                                 event.text[:4000])
+        except (RedisError, OSError) as exc:
+            log.warning("could not replace the continued turn's message (%s: %s)",
                         type(exc).__name__, exc)
 
     def _summarize_later(self, user: str) -> None:

@@ -137,6 +137,34 @@ end
 return 0
 """
 
+# A continued turn replaces the turn it continues: that turn's messages (the fragment
+# of the user's words, any reply) are removed and marked stored, so that a late append
+# for it stores nothing; then the new turn's user message is appended once.
+# KEYS: messages, summary, the old turn's user and assistant markers, the new turn's
+# user marker. ARGV: the encoded record, the cap, ttl seconds, the old turn id.
+# Returns the stored record, or false (the new turn's message was stored already).
+_CONTINUE = """
+local ttl = tonumber(ARGV[3])
+redis.call('SET', KEYS[3], '1', 'EX', ttl)
+redis.call('SET', KEYS[4], '1', 'EX', ttl)
+if not redis.call('SET', KEYS[5], '1', 'NX', 'EX', ttl) then return false end
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local dropped = 0
+for i = #items, 1, -1 do
+  local ok, m = pcall(cjson.decode, items[i])
+  if ok and type(m) == 'table' and m.turn_id == ARGV[4] then
+    redis.call('LSET', KEYS[1], i - 1, '__continued__')
+    dropped = dropped + 1
+  end
+end
+if dropped > 0 then redis.call('LREM', KEYS[1], 0, '__continued__') end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+return ARGV[1]
+"""
+
 # Removes the summarised head of the list and stores the new summary, atomically.
 # KEYS: messages, summary. ARGV: summary text ('' = do not store one), the id of
 # the last summarised message, how many messages were summarised, ttl seconds.
@@ -183,6 +211,7 @@ class ConversationMemory:
         self._replace = client.register_script(_REPLACE)
         self._append = client.register_script(_APPEND)
         self._heard = client.register_script(_HEARD)
+        self._continue = client.register_script(_CONTINUE)
         self.keys = Keys(prefix)
 
     # Key names live here rather than in workers/keys.py on purpose: memory is per
@@ -204,19 +233,7 @@ class ConversationMemory:
         returns None, and an assistant reply whose heard part `record_heard` already
         knows is stored as that part, marked interrupted.
         """
-        if role not in ROLES:
-            raise ValueError(f"invalid role {role!r}: must be 'user' or 'assistant'")
-        if not isinstance(content, str):
-            raise ValueError(f"content must be str, got {type(content).__name__}")
-        size = len(content.encode("utf-8"))
-        if size > MAX_CONTENT_BYTES:
-            raise ValueError(
-                f"message content is {size} bytes; at most {MAX_CONTENT_BYTES} are stored"
-            )
-        msg = Message(
-            role=cast(Role, role), content=content, ts=time.time(),
-            interrupted=interrupted, id=secrets.token_hex(8), turn_id=turn_id,
-        )
+        msg = self._message(role, content, interrupted=interrupted, turn_id=turn_id)
         mkey = self.messages_key(user_id)
         tag = turn_id or "-"
         stored = await self._append(
@@ -229,6 +246,40 @@ class ConversationMemory:
         if not stored:
             return None
         return _decoder.decode(stored)
+
+    @staticmethod
+    def _message(role: str, content: str, *, interrupted: bool = False,
+                 turn_id: str = "") -> Message:
+        if role not in ROLES:
+            raise ValueError(f"invalid role {role!r}: must be 'user' or 'assistant'")
+        if not isinstance(content, str):
+            raise ValueError(f"content must be str, got {type(content).__name__}")
+        size = len(content.encode("utf-8"))
+        if size > MAX_CONTENT_BYTES:
+            raise ValueError(
+                f"message content is {size} bytes; at most {MAX_CONTENT_BYTES} are stored"
+            )
+        return Message(role=cast(Role, role), content=content, ts=time.time(),
+                       interrupted=interrupted, id=secrets.token_hex(8), turn_id=turn_id)
+
+    async def continue_turn(self, user_id: str, continued_turn: str, turn_id: str,
+                            content: str) -> Message | None:
+        """The user's words of ``turn_id`` replace everything stored for
+        ``continued_turn`` (the fragment the user went on from, and any reply to it,
+        which they never heard), atomically. A later append for ``continued_turn``
+        stores nothing; a second call for ``turn_id`` stores nothing and returns None."""
+        if not continued_turn or not turn_id:
+            raise ValueError("continue_turn needs the continued and the new turn id")
+        msg = self._message("user", content, turn_id=turn_id)
+        stored = await self._continue(
+            keys=[self.messages_key(user_id), self.summary_key(user_id),
+                  self.keys.user_turn_stored(user_id, continued_turn, "user"),
+                  self.keys.user_turn_stored(user_id, continued_turn, "assistant"),
+                  self.keys.user_turn_stored(user_id, turn_id, "user")],
+            args=[_encoder.encode(msg), self.cfg.max_messages_per_user, self.cfg.message_ttl,
+                  continued_turn],
+        )
+        return _decoder.decode(stored) if stored else None
 
     async def record_heard(self, user_id: str, turn_id: str, heard: str) -> bool:
         """The user heard only ``heard`` of the turn's reply (barge-in): store that.

@@ -62,10 +62,13 @@ def setup_metrics(config: Config, component: str) -> None:
         PeriodicExportingMetricReader(exporter, export_interval_millis=10_000)]))
 
 
-def record_turn(latency_ms: dict[str, float], interrupted: bool) -> None:
-    for stage, value in latency_ms.items():
-        stage_duration.record(value, {"voicebus.stage": stage})
-    turns.add(1, {"interrupted": interrupted})
+def record_turn(latency_ms: dict[str, float], interrupted: bool, continued: bool = False) -> None:
+    """A finished turn. A continued one (dropped: the user went on) counts, but its
+    stage durations are not latencies anyone waited for."""
+    if not continued:
+        for stage, value in latency_ms.items():
+            stage_duration.record(value, {"voicebus.stage": stage})
+    turns.add(1, {"interrupted": interrupted, "continued": continued})
 
 
 def turn_entry(latency_ms: dict[str, float], interrupted: bool, rule: str) -> dict[Any, Any]:

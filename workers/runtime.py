@@ -123,6 +123,13 @@ class Context:
             event.session_id, event.turn_id
         )
 
+    def cancel_reason(self) -> str | None:
+        """Why this event's turn was cancelled ("barge-in", "continued", ...), or None."""
+        event = self.event
+        if not isinstance(event, TurnEvent):
+            return None
+        return self.cancel.reason(event.session_id, event.turn_id)
+
     def cancel_event(self) -> asyncio.Event:
         """Set when this event's turn is cancelled: race a long model call against it."""
         event = self.event

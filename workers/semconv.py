@@ -36,6 +36,14 @@ INTERRUPTED: Final = "voicebus.turn.interrupted"
 
 TURN_RULE: Final = "voicebus.turn.rule"  # which detector rule ended the turn
 TURN_PROBABILITY: Final = "voicebus.turn.smart_turn_probability"
+# The transcript's verdict at the deciding pause: complete, incomplete, question, unknown
+# (the category only: the words it rests on are content).
+TURN_TEXT_VERDICT: Final = "voicebus.turn.text_verdict"
+TURN_CONTINUES: Final = "voicebus.turn.continues"  # the dropped turn this one continues
+TURN_OUTCOME: Final = "voicebus.turn.outcome"  # answered, interrupted, continued
+TURN_CONTINUED: Final = "turn.continued"  # a turn dropped because the user went on
+TURN_COMMIT: Final = "turn.commit"  # a tentatively ended turn confirmed (its reply may play)
+TURN_TENTATIVE: Final = "voicebus.turn.tentative"  # ended before the transcript's verdict
 SPEECH_MS: Final = "voicebus.turn.speech_ms"
 SPECULATIVE: Final = "voicebus.asr.speculative"
 

@@ -11,21 +11,44 @@ Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
   becomes it, and it needs no help from the VAD, which such noise can fool.
 * **A turn starts** once it holds ``min_turn_speech`` of speech; anything shorter
   that fades out is a blip (cough, click) and never becomes a turn or a barge-in.
-* **A turn ends** at a pause:
-  1. at ``trigger_silence`` Smart Turn judges the turn so far (only once it has
-     ``min_speech_duration`` of speech: the model misjudges very short audio):
-     P >= ``confidence_threshold`` ends it now (``smart_turn``); P >= ``threshold``
-     ends it at half the silence timeout (``smart_turn_probable``);
-  2. otherwise the silence timeout ends it (``silence_timeout``);
-  3. a turn longer than ``max_turn_duration`` is cut (``max_duration``).
+* **A turn ends** at a pause. At ``trigger_silence`` the detector sends ASR a
+  *speculative* ``TurnEnd`` of the turn so far and asks for Smart Turn's judgement
+  (``NeedsTurnCheck`` -> ``judged(p)``); the caller hands ASR's transcript of that
+  guess back whenever it comes (``texted``). Together they set the silence at which
+  the pause ends the turn (``endpointing``):
 
-At each pause with enough speech it also emits a *speculative* ``TurnEnd``
-(before asking Smart Turn), so ASR can start on the audio the turn will most
-likely end with.
+  ========================  ==========================================  =================
+  Smart Turn P              text of the turn so far                     the turn ends
+  ========================  ==========================================  =================
+  any                       goes on ("and", "to", "the", ",", a list)   silence timeout
+  >= confidence_threshold   anything else (or no transcript)            now (``smart_turn``)
+  >= threshold              anything else                               ``probable_silence``
+  below                     a question                                  ``probable_silence``
+  below                     anything else                               silence timeout
+  ========================  ==========================================  =================
 
-The detector does no I/O: it returns ``Action``s, and asks for a Smart Turn
-judgement with ``NeedsTurnCheck``; the caller runs the model (off the event
-loop) and hands the probability back with ``judged``.
+  A turn with less than ``min_speech_duration`` of speech ("yes", a name) ends
+  early only when Smart Turn says complete *and* the text has a verdict other
+  than "goes on"; else by the silence timeout. The probable-end wait and the
+  silence timeout are stretched for users who pause long (``stretch``, learned
+  per user by ``workers.pauses``). A turn longer than ``max_turn_duration`` is cut.
+
+* **Tentative ends.** ASR takes longer (~0.4-0.7 s on a small CPU) than Smart Turn
+  (~60 ms), and the text's verdict matters only if it says "goes on". So when the
+  table says "now" but the transcript is not there yet, the turn ends *tentatively*
+  (``TurnEnd(tentative=True)``: ASR and the LLM start at once, nothing is played)
+  and is committed (``Commit``) as soon as the text agrees — or, if it says "goes
+  on", once the silence timeout passes. Speech before the commit continues the
+  turn. The silence timeout always commits.
+
+* **Continuation**: after a turn ended, its audio is kept. If the user speaks
+  again before they heard any of the reply, the caller calls ``continue_turn()``
+  right after the ``SpeechStart``: the new speech joins the ended turn, and the
+  next ``TurnEnd`` covers the whole utterance from its first speech.
+
+The detector does no I/O: it returns ``Action``s, and asks for a judgement with
+``NeedsTurnCheck``; the caller runs the model (off the event loop) and hands the
+probability (and the transcript, when it has one) back with ``judged``.
 """
 
 from __future__ import annotations
@@ -38,6 +61,7 @@ import numpy as np
 
 from workers.backends.audio import level_db
 from workers.config import VadConfig
+from workers.turn_text import TextVerdict, judge_text
 
 RATE = 16_000
 WINDOW = 512
@@ -71,6 +95,8 @@ class TurnEnd:
     probability: float | None
     audio: np.ndarray  # the utterance, with a little audio before and after
     speculative: bool = False  # a guess at a pause, for ASR to start on; the turn may go on
+    text_verdict: str = ""  # what the transcript at the deciding pause said, and why
+    tentative: bool = False  # ended before the text's verdict: a ``Commit`` follows
 
     @property
     def delay_ms(self) -> int:
@@ -84,7 +110,36 @@ class Blip:
     speech: int  # samples of speech it held
 
 
-Action = SpeechStart | SpeechStop | NeedsTurnCheck | TurnEnd | Blip
+@dataclass(frozen=True)
+class Commit:
+    """The tentatively ended turn is over for good: its reply may be played."""
+
+    decided: int  # audio time of the commit
+    rule: str  # "text" (the transcript agreed) or "silence_timeout"
+    text_verdict: str
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The user went on after a pause inside their turn (what ``stretch`` learns from)."""
+
+    pause: int  # samples of silence between the two runs of speech
+
+
+Action = SpeechStart | SpeechStop | NeedsTurnCheck | TurnEnd | Blip | Resumed | Commit
+
+
+@dataclass
+class _Ended:
+    """The last turn that ended, kept so that speech before the reply is heard can
+    continue it, and, while tentative, what its commit waits for."""
+
+    start: int
+    speech: int
+    speech_end: int
+    probability: float | None
+    verdict: TextVerdict | None  # None: the transcript has not come yet
+    committed: bool
 
 
 def seconds(value: float) -> int:
@@ -97,19 +152,25 @@ class TurnDetector:
         self.cfg = config
         self.vad = speech_probability
         self.use_model = config.type in ("hybrid", "smart_turn")
+        self.use_text = config.endpointing.text and config.speculative_asr
         fb, st = config.fallback, config.smart_turn
         self.min_turn_speech = seconds(fb.min_turn_speech)
         self.min_model_speech = seconds(fb.min_speech_duration)
         self.silence_timeout = seconds(fb.silence_timeout) if fb.enabled else None
+        self.probable_silence = seconds(config.endpointing.probable_silence)
         self.trigger = seconds(st.trigger_silence)
         self.max_turn = seconds(fb.max_turn_duration)
         self.max_model_audio = seconds(st.max_audio)
+        self.max_gap = seconds(config.continuation.max_gap)
+        # >= 1: how much longer than configured this user's waits are (workers.pauses).
+        self.stretch = 1.0
 
         self.pos = 0  # samples consumed
         self._levels: deque[float] = deque(maxlen=FLOOR_WINDOWS)
         self._speaking = False  # window-level speech state (with hysteresis)
         self._audio: list[np.ndarray] = []  # pre-roll while idle, the turn while active
         self._audio_start = 0  # sample index of _audio[0]
+        self._ended: _Ended | None = None  # the last turn, while it may still be continued
         self._reset_turn()
 
     def _reset_turn(self) -> None:
@@ -119,41 +180,140 @@ class TurnDetector:
         self.run = 0  # samples in the current run of speech windows
         self.last_speech_end = 0
         self._checked_pause = False
-        self._end_at: int | None = None  # a probable end, waiting for this much silence
-        self._probability: float | None = None
+        self._probability: float | None = None  # Smart Turn at this pause (None: not asked)
+        self._verdict: TextVerdict | None = None  # the text at this pause (None: not yet)
+        self._run_pause = 0  # the silence before the current run of speech
+        self._continuable: _Ended | None = None  # offered to continue_turn() until next push
 
     # -- one window ------------------------------------------------------
     def push(self, window: np.ndarray) -> list[Action]:
         if window.shape != (WINDOW,):
             raise ValueError(f"windows must be {WINDOW} samples, got {window.shape}")
+        actions: list[Action] = []
+        if self._continuable is not None:  # not continued: the ended turn is over for good
+            ended, self._continuable = self._continuable, None
+            if not ended.committed:  # (the caller cut it off, or lets it stand)
+                self._ended = ended
+                actions.append(self._commit("new_turn"))
+            self._forget_ended()
         start = self.pos
         self.pos += WINDOW
         self._keep(window, start)
         is_speech = self._is_speech(window)
-        if is_speech:
-            return self._on_speech(start)
-        return self._on_silence()
+        actions.extend(self._on_speech(start) if is_speech else self._on_silence())
+        return actions
 
     def judged(self, probability: float) -> list[Action]:
-        """The Smart Turn probability for the last ``NeedsTurnCheck``."""
-        cfg = self.cfg.smart_turn
+        """Smart Turn's probability for the last ``NeedsTurnCheck``."""
         self._probability = probability
-        if probability >= cfg.confidence_threshold:
-            return [self._end("smart_turn")]
-        if probability >= cfg.threshold and self.silence_timeout is not None:
-            self._end_at = max(self.trigger, self.silence_timeout // 2)
+        return self._check_end()
+
+    def texted(self, speech_end: int, text: str | None) -> list[Action]:
+        """ASR's transcript (None: none came) of the speculative ``TurnEnd`` whose speech
+        ended at ``speech_end``. A transcript of audio the user has since gone on from
+        is ignored."""
+        verdict = judge_text(text)
+        ended = self._ended
+        if self.turn_start is not None and self._checked_pause \
+                and self.last_speech_end == speech_end and self._verdict is None:
+            self._verdict = verdict
+            return self._check_end()
+        if ended is not None and not ended.committed and ended.speech_end == speech_end \
+                and ended.verdict is None:
+            ended.verdict = verdict
+            return self._check_commit()
         return []
 
+    def continue_turn(self) -> list[Action]:
+        """Right after a ``SpeechStart`` (while ``continuable``): this speech goes on with
+        the turn that ended last — the user was not heard out, none of the reply reached
+        them. The next ``TurnEnd`` covers the whole utterance from its first speech."""
+        ended, self._continuable = self._continuable, None
+        if ended is None or self.turn_start is None:
+            raise RuntimeError("continue_turn() without a continuable turn")
+        pause = self.turn_start - ended.speech_end
+        self.turn_start = ended.start
+        self.speech += ended.speech
+        return self._resumed(pause)
+
+    @property
+    def continuable(self) -> bool:
+        """A ``SpeechStart`` just came within ``continuation.max_gap`` of the last turn."""
+        return self._continuable is not None
+
     def flush(self) -> list[Action]:
-        """The stream ended: a turn in progress ends now."""
+        """The stream ended: a turn in progress ends now (a tentative one is committed)."""
         if self.announced:
-            return [self._end("end_of_stream")]
+            return [self._end("end_of_stream", tentative=False)]
+        ended = self._ended
+        if ended is not None and not ended.committed:
+            return [self._commit("end_of_stream")]
         return []
 
     @property
     def noise_db(self) -> float:
         """The tracked noise floor, dBFS."""
         return min(self._levels) if self._levels else -100.0
+
+    # -- the rule table ----------------------------------------------------
+    def _wait(self, probability: float | None, verdict: TextVerdict | None,
+              speech: int) -> tuple[int | None, str]:
+        """The silence (samples) after which a pause ends the turn, and the rule, from
+        Smart Turn's probability and the text's verdict (None: not known yet, decide on
+        Smart Turn alone). None: only the silence timeout ends it."""
+        st = self.cfg.smart_turn
+        kind = verdict.verdict if verdict is not None else "pending"
+        if probability is None or kind == "incomplete":
+            return None, ""
+        complete = probability >= st.confidence_threshold
+        if speech < self.min_model_speech:  # short: Smart Turn alone misjudges it
+            if complete and kind != "unknown":
+                return self.trigger, "smart_turn"
+            return None, ""
+        if complete:
+            return self.trigger, "smart_turn"
+        if probability >= st.threshold or kind == "question":
+            return self._stretched(self.probable_silence), "smart_turn_probable"
+        return None, ""
+
+    def _check_end(self) -> list[Action]:
+        """End the turn if this pause has lasted long enough: committed when the text's
+        verdict is in (or the text is not used), else tentatively."""
+        if self.turn_start is None or not self.announced or not self._checked_pause:
+            return []
+        silence = self.pos - self.last_speech_end
+        verdict = self._verdict if self.use_text else judge_text(None)
+        wait, rule = self._wait(self._probability, verdict, self.speech)
+        if wait is None and verdict is None and self.speech < self.min_model_speech:
+            # A short turn waits for its text; Smart Turn saying "complete" ends it
+            # tentatively (the commit needs the text to agree).
+            wait, rule = self._wait(self._probability, judge_text("."), self.speech)
+        if wait is not None and silence >= wait:
+            return [self._end(rule, tentative=verdict is None)]
+        timeout = self._timeout
+        if timeout is not None and silence >= timeout:
+            return [self._end("silence_timeout", tentative=False)]
+        return []
+
+    def _check_commit(self) -> list[Action]:
+        ended = self._ended
+        if ended is None or ended.committed:
+            return []
+        silence = self.pos - ended.speech_end
+        if ended.verdict is not None:
+            wait, _ = self._wait(ended.probability, ended.verdict, ended.speech)
+            if wait is not None and silence >= wait:
+                return [self._commit("text")]
+        timeout = self._timeout
+        if timeout is not None and silence >= timeout:
+            return [self._commit("silence_timeout")]
+        return []
+
+    def _commit(self, rule: str) -> Commit:
+        ended = self._ended
+        assert ended is not None
+        ended.committed = True
+        return Commit(self.pos, rule, _describe(ended.verdict))
 
     # -- speech / silence ------------------------------------------------
     def _is_speech(self, window: np.ndarray) -> bool:
@@ -176,61 +336,95 @@ class TurnDetector:
         actions: list[Action] = []
         if self.turn_start is None:
             self.turn_start = start
+        pause = start - self.last_speech_end
         self.speech += WINDOW
         self.run += WINDOW
+        if self.run == WINDOW:
+            self._run_pause = pause  # the silence this run of speech broke
         self.last_speech_end = self.pos
         if self.run >= self.min_turn_speech:
             # The user really goes on. A blip in a pause (a cough) does not re-arm the
             # turn check: Smart Turn on audio ending in a cough can say "complete".
+            if self.announced and self._checked_pause:
+                actions.extend(self._resumed(self._run_pause))
             self._checked_pause = False
-            self._end_at = None
+            self._probability = None
+            self._verdict = None
         if not self.announced and self.speech >= self.min_turn_speech:
             self.announced = True
             actions.append(SpeechStart(self.turn_start))
+            ended, self._ended = self._ended, None
+            if ended is not None and self.turn_start - ended.speech_end <= self.max_gap:
+                self._continuable = ended
+            elif ended is not None:
+                if not ended.committed:
+                    self._ended = ended
+                    actions.append(self._commit("new_turn"))
+                    self._ended = None
+                self._trim_to(self.turn_start - PREROLL)
         if self.announced and self.pos - self.turn_start >= self.max_turn:
-            actions.append(self._end("max_duration"))
+            actions.append(self._end("max_duration", tentative=False))
         return actions
+
+    def _resumed(self, pause: int) -> list[Action]:
+        return [Resumed(pause)] if pause >= self.trigger else []
 
     def _on_silence(self) -> list[Action]:
         self.run = 0
+        commit = self._check_commit()  # a tentative turn's commit waits on silence too
         if self.turn_start is None:
-            return []
+            return list(commit)
         silence = self.pos - self.last_speech_end
         if not self.announced:  # a blip so far
             if silence >= (self.silence_timeout or self.trigger * 4):
                 blip = Blip(self.turn_start, self.speech)
                 self._reset_turn()
-                return [blip]
-            return []
-        actions: list[Action] = []
+                return [*commit, blip]
+            return list(commit)
         if silence >= self.trigger and not self._checked_pause:
             self._checked_pause = True
-            actions.append(SpeechStop(self.last_speech_end))
-            if self.speech >= self.min_model_speech:
+            actions: list[Action] = [SpeechStop(self.last_speech_end)]
+            # With the text signal every turn is judged (a short one needs Smart Turn and
+            # the text to agree); without it only turns long enough for Smart Turn.
+            if self.use_text or self.speech >= self.min_model_speech:
                 # ASR starts on the turn as it stands *before* Smart Turn judges it: if
                 # the turn is over, the final TurnEnded finds its transcript under way.
-                if self._speculating:
+                if self.cfg.speculative_asr:
                     actions.append(self._guess())
                 if self.use_model:
                     actions.append(NeedsTurnCheck(self._recent(self.max_model_audio)))
             return actions
-        if self._end_at is not None and silence >= self._end_at:
-            return [self._end("smart_turn_probable")]
-        if self.silence_timeout is not None and silence >= self.silence_timeout:
-            return [self._end("silence_timeout")]
-        return actions
+        return self._check_end()
 
     @property
-    def _speculating(self) -> bool:
-        return self.cfg.speculative_asr
+    def _timeout(self) -> int | None:
+        if self.silence_timeout is None:
+            return None
+        return self._stretched(self.silence_timeout)
+
+    def _stretched(self, samples: int) -> int:
+        return int(samples * max(1.0, self.stretch))
 
     # -- turn audio --------------------------------------------------------
     def _keep(self, window: np.ndarray, start: int) -> None:
         self._audio.append(window.copy())
-        if self.turn_start is None:  # idle: keep only the pre-roll
-            while len(self._audio) * WINDOW > PREROLL + WINDOW:
-                self._audio.pop(0)
+        if self.turn_start is None and self._ended is None:  # idle: keep only the pre-roll
+            self._trim_to(self.pos - PREROLL - WINDOW)
+        elif self.turn_start is None and self._ended is not None:
+            if self._ended.committed and self.pos - self._ended.speech_end > self.max_gap:
+                self._forget_ended()  # too long ago to be continued
         self._audio_start = self.pos - len(self._audio) * WINDOW
+
+    def _trim_to(self, sample: int) -> None:
+        """Drop audio before ``sample`` (whole windows)."""
+        while self._audio and self._audio_start + WINDOW <= sample:
+            self._audio.pop(0)
+            self._audio_start += WINDOW
+
+    def _forget_ended(self) -> None:
+        self._ended = None
+        keep_from = (self.turn_start if self.turn_start is not None else self.pos) - PREROLL
+        self._trim_to(keep_from - WINDOW)
 
     def _span(self, begin: int, end: int) -> np.ndarray:
         audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
@@ -249,13 +443,17 @@ class TurnDetector:
         return TurnEnd(self.turn_start, self.last_speech_end, self.pos, "speculative",
                        self._probability, self._utterance(), speculative=True)
 
-    def _end(self, rule: str) -> TurnEnd:
+    def _end(self, rule: str, *, tentative: bool) -> TurnEnd:
         assert self.turn_start is not None
+        verdict = self._verdict if self.use_text else None
         end = TurnEnd(self.turn_start, self.last_speech_end, self.pos, rule, self._probability,
-                      self._utterance())
+                      self._utterance(), text_verdict=_describe(verdict), tentative=tentative)
+        # Its audio stays while the turn may still be continued (continue_turn).
+        self._ended = _Ended(self.turn_start, self.speech, self.last_speech_end,
+                             self._probability, verdict, committed=not tentative)
         self._reset_turn()
-        # Keep only the pre-roll: speech right after this turn starts the next one.
-        while len(self._audio) * WINDOW > PREROLL + WINDOW:
-            self._audio.pop(0)
-        self._audio_start = self.pos - len(self._audio) * WINDOW
         return end
+
+
+def _describe(verdict: TextVerdict | None) -> str:
+    return "" if verdict is None else f"{verdict.verdict}: {verdict.reason}"

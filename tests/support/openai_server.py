@@ -11,7 +11,10 @@ the n-th request gets ``scripts[n]`` (the last script repeats).
 * ``Script.die(pieces, after=n)``: ``n`` pieces, then the connection is closed in the
   middle of the body (no ``[DONE]``, no chunked terminator: the client sees a broken
   stream);
-* ``Script.error(500)``: an HTTP error with an OpenAI-style JSON body.
+* ``Script.error(500)``: an HTTP error with an OpenAI-style JSON body;
+* ``Script.reply(pieces, hold=(n, gate))``: ``n`` pieces, then nothing until the test
+  sets ``gate`` (a ``threading.Event``) or the server stops: a reply that is
+  "mid-way" for as long as the test needs, whatever the machine's load.
 
 Every request is recorded (its JSON body, when it came, whether the client hung up
 before the reply was complete).
@@ -36,11 +39,13 @@ class Script:
     hang_s: float = 0.0  # > 0: answer nothing for this long, then close
     die_after: int | None = None  # close the connection after this many pieces
     status: int = 200
+    hold: tuple[int, threading.Event] | None = None  # after n pieces, wait for the event
 
     @classmethod
     def reply(cls, pieces: Sequence[str], delay: float = 0.0,
-              pauses: Mapping[int, float] | None = None) -> Script:
-        return cls(pieces=tuple(pieces), delay=delay, pauses=dict(pauses or {}))
+              pauses: Mapping[int, float] | None = None,
+              hold: tuple[int, threading.Event] | None = None) -> Script:
+        return cls(pieces=tuple(pieces), delay=delay, pauses=dict(pauses or {}), hold=hold)
 
     @classmethod
     def hang(cls, seconds: float = 30.0) -> Script:
@@ -105,6 +110,11 @@ class ScriptedOpenAI:
     def sleep(self, seconds: float) -> None:
         self._stop.wait(seconds)
 
+    def wait_for(self, gate: threading.Event) -> None:
+        """Until the test sets ``gate`` or the server stops."""
+        while not (gate.is_set() or self._stop.is_set()):
+            gate.wait(0.05)
+
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
@@ -160,6 +170,8 @@ def _handler(server: ScriptedOpenAI) -> type[BaseHTTPRequestHandler]:
                 if script.die_after is not None and i >= script.die_after:
                     self.close_connection = True  # mid-body: no terminator, no [DONE]
                     return
+                if script.hold is not None and i == script.hold[0]:
+                    server.wait_for(script.hold[1])
                 server.sleep(script.delay + script.pauses.get(i, 0.0))
                 self._write(_sse(chunk))
             if script.die_after is not None:
