@@ -260,6 +260,11 @@ class _Session:
             elif periodic and played != turn.result.played_samples:
                 await self._report(turn, played)
 
+    def playing(self, since: int, samples: int) -> bool:
+        """A turn begun after the first ``since`` turns has played ``samples`` of audio."""
+        return any(self.speaker.played(t.result.turn_id) >= samples
+                   for t in list(self.turns.values())[since:] if not t.flushed)
+
     def answered(self, since: int) -> bool:
         """A turn began after the first ``since`` turns, and every turn has finished."""
         return len(self.turns) > since and all(t.finished for t in self.turns.values())
@@ -301,14 +306,17 @@ class _Pacer:
 async def talk_wavs(url: str, token: str, wavs: Sequence[Path], *, out_dir: Path | None = None,
                     wait_for_answer: bool = True, answer_timeout_s: float = 60.0,
                     frame_ms: int = 20, on_message: OnMessage | None = None,
-                    speaker: Speaker | None = None) -> list[TurnResult]:
+                    speaker: Speaker | None = None,
+                    interrupt_after_s: float | None = None) -> list[TurnResult]:
     """Play WAV files to the gateway as a microphone would, one turn per file; the answers.
 
     The WAVs are streamed in real time, each followed by silence until its answer
-    has been played (``wait_for_answer``), or back to back (a barge-in scenario is
-    one WAV: speech, a pause, speech again); the client always waits for the answer
-    to the last one. The WAVs must share one sample rate (the device declares one
-    rate in ``start``; the gateway resamples it). The speaker defaults to a
+    has been played (``wait_for_answer``), or back to back (``wait_for_answer=False``:
+    one WAV of speech, a pause, speech again is a continuation scenario), or until
+    ``interrupt_after_s`` of the answer has been played, when the next WAV cuts in
+    (a barge-in, whatever the machine's speed); the client always waits for the
+    answer to the last one. The WAVs must share one sample rate (the device declares
+    one rate in ``start``; the gateway resamples it). The speaker defaults to a
     ``VirtualSpeaker``; the session opens and closes whichever it is given.
     """
     clips = [read_wav(path) for path in wavs]
@@ -337,10 +345,14 @@ async def talk_wavs(url: str, token: str, wavs: Sequence[Path], *, out_dir: Path
             since = len(session.turns)
             for offset in range(0, len(pcm), frame_bytes):
                 await send(pcm[offset:offset + frame_bytes].ljust(frame_bytes, b"\0"))
-            if not wait_for_answer and i < len(clips) - 1:
+            last = i == len(clips) - 1
+            if not wait_for_answer and not last:
                 continue
             deadline = time.monotonic() + answer_timeout_s
-            while not session.answered(since):
+            heard = (None if interrupt_after_s is None or last
+                     else round(interrupt_after_s * session.out_rate))
+            while not (session.answered(since) if heard is None
+                       else session.playing(since, heard)):
                 if time.monotonic() > deadline:
                     raise ClientError(_no_answer(path, session, since, answer_timeout_s))
                 await send(silence)

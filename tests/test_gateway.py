@@ -257,6 +257,64 @@ async def test_barge_in_flushes_stops_audio_and_keeps_what_was_heard(
     await ws.close()
 
 
+def turn_ended(sid: str, turn: str, *, tentative: bool) -> TurnEnded:
+    return TurnEnded(session_id=sid, turn_id=turn, sample_rate=16000, speech_start_ms=100,
+                     speech_end_ms=900, decided_ms=1100, rule="smart_turn",
+                     tentative=tentative)
+
+
+async def test_a_tentative_turn_plays_nothing_until_its_commit(
+        gateway: Gateway, client: aioredis.Redis) -> None:
+    ws, ready = await open_session(gateway)
+    sid = ready["session_id"]
+    out = gateway.keys.out(sid)
+    await publish(client, out, turn_ended(sid, "t1", tentative=True),
+                  TextChunk(session_id=sid, turn_id="t1", seq=0, text="Hello there."),
+                  chunk(sid, "t1", 0, 0, 1))
+    got = await receive(ws, "reply")
+    with pytest.raises(TimeoutError):  # held: the VAD has not committed the turn
+        async with asyncio.timeout(0.5):
+            while True:
+                assert not isinstance(await ws.recv(), bytes), "audio before the commit"
+    assert not await client.exists(gateway.keys.audible(sid))
+    await publish(client, out, turn_ended(sid, "t1", tentative=False),
+                  chunk(sid, "t1", 1, 0, 2, last=True))
+    got = await receive(ws, "turn_done")
+    assert [m for m in got if isinstance(m, bytes)] == [pcm(1, 240), pcm(2, 240)]
+    assert got[-1]["continued"] is False and got[-1]["interrupted"] is False
+    turn, _, sent_ns = (await client.get(gateway.keys.audible(sid))).decode().partition(" ")
+    assert turn == "t1" and abs(int(sent_ns) - time.time_ns()) < 5e9
+    await ws.close()
+
+
+async def test_a_continued_turn_is_dropped_silently_and_stores_nothing(
+        gateway: Gateway, client: aioredis.Redis, prefix: str) -> None:
+    ws, ready = await open_session(gateway, "dora")
+    sid = ready["session_id"]
+    out = gateway.keys.out(sid)
+    memory = ConversationMemory(client, prefix)
+    await publish(client, out, SpeechStarted(session_id=sid, turn_id="t1", audio_ms=100),
+                  TextChunk(session_id=sid, turn_id="t1", seq=0, text="Sure."),
+                  chunk(sid, "t1", 0, 0, 1))
+    got = await receive(ws, "reply")
+    while not any(isinstance(m, bytes) for m in got):
+        got.append(await ws.recv())
+    # The user goes on before hearing it: the VAD cancels the turn as continued.
+    await CancelLane(Bus(client, Keys(prefix)), 60).cancel(sid, "t1", "continued")
+    after = await receive(ws, "turn_done")
+    flush = next(m for m in after if isinstance(m, dict) and m["type"] == "flush")
+    assert flush["reason"] == "continued"
+    assert after[-1]["continued"] is True and after[-1]["interrupted"] is False
+    await publish(client, out, SpeechStarted(session_id=sid, turn_id="t2", audio_ms=2000,
+                                             continues="t1"))
+    started = await receive(ws, "speech_started")
+    assert started[-1]["continues"] == "t1"
+    await asyncio.sleep(0.5)  # (a barge-in would have stored what was heard by now)
+    assert await memory.history("dora") == []
+    assert not await client.exists(Keys(prefix).user_turn_heard("dora", "t1"))
+    await ws.close()
+
+
 # -- limits ------------------------------------------------------------------------------
 async def test_an_oversized_frame_closes_only_that_session(gateway: Gateway) -> None:
     ws, _ = await open_session(gateway)

@@ -223,3 +223,35 @@ def test_long_history_is_summarized_in_the_background(
     prompt = asyncio.run(next_prompt())
     assert summary in prompt[1]["content"]
     assert prompt_tokens(prompt) <= 600
+
+
+def test_a_continued_turn_replaces_the_fragment_and_drops_its_reply(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    import threading
+
+    gate = threading.Event()  # the fragment's reply is mid-way when the user goes on
+    server.scripts = [Script.reply(["Which ", "country ", "do you mean? ", "Tell ", "me."],
+                                   hold=(4, gate)),
+                      Script.reply(["Paris."])]
+    # A long timeout: the held reply must not end as "stalled" first.
+    workers.start_cli("llm", VOICEBUS_LLM__BASE_URL=server.url, VOICEBUS_LLM__TIMEOUT="60")
+    keys = Keys(workers.prefix)
+    session, fragment = say(sync_redis, keys, "eve", "What is the capital")
+    wait_for(lambda: [e for e in read_all(sync_redis, keys.out(session))
+                      if isinstance(e, TextChunk)], what="the fragment's reply under way")
+    cancel_turn(workers.url, keys, session, fragment, "continued")  # the user went on
+    gate.set()
+    publish(sync_redis, keys.queue("llm"), Transcript(
+        session_id=session, turn_id="whole", text="What is the capital of France?",
+        user_id="eve", continues=fragment))
+    answered(sync_redis, keys, session, "whole")
+    wait_for(lambda: any(m.turn_id == "whole" and m.role == "assistant"
+                         for m in history(workers.url, workers.prefix, "eve")),
+             what="the whole turn's reply stored")
+    kept = [(m.turn_id, m.role, m.content) for m in history(workers.url, workers.prefix, "eve")]
+    # One user message for the utterance, the reply to it; nothing of the fragment.
+    assert kept == [("whole", "user", "What is the capital of France?"),
+                    ("whole", "assistant", "Paris.")]
+    [asked] = [r for r in server.requests if r.user_text == "What is the capital of France?"]
+    assert [m["role"] for m in asked.body["messages"]] == ["system", "user"]  # no fragment
+    assert "reply dropped: the user went on" in workers.logs()

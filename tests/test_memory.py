@@ -195,3 +195,31 @@ async def test_summarization_disabled(client: aioredis.Redis, prefix: str) -> No
     mem = ConversationMemory(client, prefix, cfg)
     await fill(mem, "ivy", 45)
     assert not await mem.needs_summary("ivy")
+
+
+async def test_a_continued_turn_replaces_the_fragment_and_its_unheard_reply(
+        mem: ConversationMemory) -> None:
+    await mem.append("ann", "user", "What is the capital", turn_id="t1")
+    await mem.append("ann", "assistant", "The capital of what?", turn_id="t1")
+    await mem.append("ann", "user", "Hello.", turn_id="t0")  # another turn stays
+    stored = await mem.continue_turn("ann", "t1", "t2", "What is the capital of France?")
+    assert stored is not None and stored.turn_id == "t2"
+    assert [(m.turn_id, m.role, m.content) for m in await mem.history("ann")] == [
+        ("t0", "user", "Hello."), ("t2", "user", "What is the capital of France?")]
+    # A late write of the dropped turn (its LLM worker still finishing) stores nothing;
+    # replaying the continuation (a redelivered transcript) does not store it twice.
+    assert await mem.append("ann", "assistant", "Paris?", turn_id="t1") is None
+    assert await mem.append("ann", "user", "What is the capital", turn_id="t1") is None
+    assert await mem.continue_turn("ann", "t1", "t2", "What is the capital of France?") is None
+    assert len(await mem.history("ann")) == 2
+    # A chain: t3 continues t2 (whose message already holds t1's words).
+    await mem.continue_turn("ann", "t2", "t3", "What is the capital of France, and Spain?")
+    assert [m.turn_id for m in await mem.history("ann")] == ["t0", "t3"]
+
+
+async def test_continuing_a_turn_that_stored_nothing_just_stores_the_utterance(
+        mem: ConversationMemory) -> None:
+    await mem.continue_turn("ben", "gone", "t9", "One utterance.")
+    assert [(m.turn_id, m.content) for m in await mem.history("ben")] == [("t9", "One utterance.")]
+    with pytest.raises(ValueError):
+        await mem.continue_turn("ben", "", "t9", "x")

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from edge.audio_io import write_wav
 from edge.auth import mint
 from edge.client import TurnResult, talk_wavs
-from tests.audio import ARCTIC, GO_FORWARD, join, silence, speech
+from tests.audio import ARCTIC, ARCTIC_COMMA_S, GO_FORWARD, RATE, join, silence, speech
 from voicebus.supervisor import Supervisor
 from workers.backends.audio import float_to_pcm16, resample
 from workers.backends.tts import load_backend
@@ -85,12 +85,12 @@ def test_a_conversation_remembers_the_first_turn(product: tuple[Supervisor, str]
 
 def test_barge_in_cuts_the_answer_and_memory_keeps_what_was_heard(
         product: tuple[Supervisor, str], tmp_path: Path, redis_url: str) -> None:
-    # The user asks, the agent starts answering, and 4 s after the question the user
-    # speaks again: one WAV streamed continuously, as a microphone would.
-    audio = join(silence(0.5), speech(ARCTIC), silence(4.0), speech(GO_FORWARD), silence(0.3))
-    wav = tmp_path / "barge_in.wav"
-    write_wav(wav, float_to_pcm16(audio), 16_000)
-    turns = talk(product, "barge-user", [wav], wait_for_answer=False)
+    # The user asks, the agent starts answering, and once the user has heard 1 s of the
+    # answer they speak again (the microphone streams silence in between).
+    question, cut_in = tmp_path / "question.wav", tmp_path / "cut_in.wav"
+    write_wav(question, float_to_pcm16(join(silence(0.5), speech(ARCTIC))), 16_000)
+    write_wav(cut_in, float_to_pcm16(join(speech(GO_FORWARD), silence(0.3))), 16_000)
+    turns = talk(product, "barge-user", [question, cut_in], interrupt_after_s=1.0)
     assert len(turns) == 2
     first, second = turns
     assert first.interrupted and not second.interrupted
@@ -103,3 +103,27 @@ def test_barge_in_cuts_the_answer_and_memory_keeps_what_was_heard(
     assert interrupted
     assert len(heard) < len(first.reply)
     assert first.reply.startswith(heard.rstrip(".,!?"))  # a prefix of the reply
+
+
+def test_an_utterance_with_long_pauses_is_one_turn_and_no_word_is_lost(
+        product: tuple[Supervisor, str], tmp_path: Path, redis_url: str) -> None:
+    # "He turned sharply, ... and faced Gregson ... across the table." with two real
+    # 0.8 s pauses, streamed in real time as one microphone stream.
+    clip = speech(ARCTIC)
+    comma, before_across = int(ARCTIC_COMMA_S * RATE), int(2.08 * RATE)
+    audio = join(silence(0.5), clip[:comma], silence(0.8, seed=3), clip[comma:before_across],
+                 silence(0.8, seed=4), clip[before_across:], silence(0.3))
+    wav = tmp_path / "pauses.wav"
+    write_wav(wav, float_to_pcm16(audio), 16_000)
+    turns = talk(product, "pausing-user", [wav])
+    spoken = [t for t in turns if not t.continued]
+    dropped = [t for t in turns if t.continued]
+    assert len(spoken) == 1, [(t.transcript, t.continued) for t in turns]
+    [turn] = spoken
+    words = turn.transcript.lower()
+    assert "sharply" in words and "faced" in words and "table" in words, turn.transcript
+    assert turn.audio and turn.reply and not turn.interrupted
+    assert all(not t.audio for t in dropped)  # nothing of a dropped fragment's reply played
+    stored = asyncio.run(history(redis_url, product[1], "pausing-user"))
+    assert [role for role, _, _ in stored] == ["user", "assistant"]
+    assert stored[0][1] == turn.transcript  # one user message: the whole utterance

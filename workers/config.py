@@ -102,7 +102,7 @@ class EndpointingConfig(_Section):
     early only when Smart Turn and the text agree.
     """
     text: bool = True  # use the speculative transcript at each pause (needs speculative_asr)
-    text_wait: NonNegativeFloat = 0.8  # s (wall clock) to wait for it; then decide without it
+    text_wait: NonNegativeFloat = 1.2  # s (wall clock) to wait for it; then decide without it
     probable_silence: PositiveFloat = 0.75  # s of silence that ends a probable end
 
 
