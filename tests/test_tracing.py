@@ -73,6 +73,8 @@ def test_a_turn_is_one_trace_across_every_process(redis_url: str, tmp_path: Path
     assert all(s.parent_id == root.span_id for s in others), [(s.name, s.parent_id)
                                                               for s in others]
     services = {s.name.split(" ")[0]: s.service for s in spans}
+    # A tentatively ended turn has its commit in the trace too, from the VAD.
+    assert services.pop(semconv.TURN_COMMIT, "voicebus-vad") == "voicebus-vad"
     assert services == {semconv.TURN: "voicebus-gateway", semconv.PLAYBACK: "voicebus-gateway",
                         semconv.TURN_DETECTION: "voicebus-vad", semconv.ASR: "voicebus-asr",
                         semconv.LLM: "voicebus-llm", semconv.TTS: "voicebus-tts"}
@@ -111,10 +113,14 @@ def test_a_reclaimed_turn_stays_in_its_trace(workers: WorkerProcs, sync_redis: r
                                              tmp_path: Path) -> None:
     spans_file = tmp_path / "spans.jsonl"
     pieces = [f"Part {i} of the answer. " for i in range(12)]
-    with ScriptedOpenAI([Script.reply(pieces, delay=0.15)]) as server:
+    # The first worker's reply waits (on the test, not the clock) until it is killed.
+    mid_reply = threading.Event()
+    with ScriptedOpenAI([Script.reply(pieces, hold=(3, mid_reply)),
+                         Script.reply(pieces)]) as server:
         env = {"VOICEBUS_LLM__BASE_URL": server.url,
                "VOICEBUS_TRACING__LOCAL_PATH": str(spans_file)}
-        first = workers.start_cli("llm", **env)
+        # A long timeout: the held reply must not end as "stalled" before the kill.
+        first = workers.start_cli("llm", **env, VOICEBUS_LLM__TIMEOUT="120")
         keys = Keys(workers.prefix)
         publish(sync_redis, keys.queue("llm"), Transcript(
             session_id="s1", turn_id="t1", text="tell me", traceparent=TRACEPARENT))
