@@ -31,6 +31,19 @@ def test_workers_run_as_least_privileged_users(tmp_path) -> None:  # type: ignor
         finally:
             procs.stop_all()
 
+        # The string keys each stage keeps: the VAD's live agent turn and learned pauses,
+        # the ASR's speculative transcripts, the gateway's audible mark (and memory).
+        for user, key in [("vad", keys.active_turn("s1")), ("vad", keys.user_pauses("u")),
+                          ("asr", keys.asr_result("s1", "t1", 100)),
+                          ("gateway", keys.audible("s1"))]:
+            client = redis.Redis(port=port, username=user, password=f"change-me-{user}")
+            if key.endswith(":pauses"):
+                client.hset(key, "avg", "0.5")
+            else:
+                client.set(key, "x", ex=10)
+                assert client.getdel(key) == b"x"
+        vad = redis.Redis(port=port, username="vad", password="change-me-vad")
+        assert vad.get(keys.audible("s1")) is None
         asr = redis.Redis(port=port, username="asr", password="change-me-asr")
         with pytest.raises(redis.exceptions.NoPermissionError):
             asr.set("other-app:key", "x")  # outside the prefix
