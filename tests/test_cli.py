@@ -60,7 +60,7 @@ def test_demo_runs_the_bus_end_to_end_on_a_machine_without_redis_url(tmp_path: P
         lat = turn["latency_ms"]
         assert {"end_of_speech_to_first_audio", "turn_detect", "asr", "llm_ttft",
                 "tts_first_chunk"} <= set(lat)
-        assert 0 < lat["turn_detect"] < lat["end_of_speech_to_first_audio"] < 10_000
+        assert 0 < lat["turn_detect"] < lat["end_of_speech_to_first_audio"]  # (speed: bench/)
     # Every process started and stopped cleanly, in its own process.
     for stage in ("vad", "asr", "llm", "tts"):
         assert f"{stage}-worker" in result.stderr and "stopped;" in result.stderr
