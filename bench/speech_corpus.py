@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VERSION = 1  # bump when the recipe changes: the cache is keyed by it
+VERSION = 2  # bump when the recipe changes: the cache is keyed by it
 SEED = 20240917
 RATE = 16_000
 WINDOW = 512  # the detector's window (32 ms)
@@ -788,6 +788,7 @@ ast/num-was-successfully ast/privacy-to-blacklist-last-caller ast/at-tone-time-e
 ast/followme/call-from ast/digits/at ast/digits/minus ast/priv-callpending
 """.split())
 MAX_STRETCH_PER_RECORDING = 2
+MAX_STRETCHED_S = 15.0  # longer prompts (whole IVR menus) are only used as they are
 STRETCH_PER_KIND = 16
 SHORT_FAMILY_CAP = {"digits": 14, "letters": 8, "phonetic": 8, "top": 100, "cards": 5,
                     "librivox": 0}
@@ -887,6 +888,8 @@ def build_corpus(verbose: bool = True) -> dict[str, Any]:
     # b. a natural pause stretched, one turn per length bin
     candidates = []
     for rec in singles:
+        if rec.runs[-1][1] / RATE > MAX_STRETCHED_S:  # a whole IVR menu is no one's turn
+            continue
         for gap in gaps(rec.runs, STRETCH_CANDIDATE_S):
             mid = (gap[0] + gap[1]) / 2 / RATE
             inside = any(s + 0.05 < mid < e - 0.05 for _w, s, e in rec.words)
@@ -897,19 +900,19 @@ def build_corpus(verbose: bool = True) -> dict[str, Any]:
                 continue
             kind = "sentence_boundary" if punct in (".", "!", "?") else "mid_sentence"
             candidates.append((rec, gap, kind, before))
-    # At most MAX_STRETCH_PER_RECORDING pauses of one prompt, and an even number of
-    # each kind (up to STRETCH_PER_KIND): three turns (one per length bin) each.
+    # At most MAX_STRETCH_PER_RECORDING pauses of one prompt (of either kind), and up
+    # to STRETCH_PER_KIND of each kind: three turns (one per length bin) each.
     chosen_c: list[tuple[Recording, tuple[int, int], str, str]] = []
-    for kind in ("mid_sentence", "sentence_boundary"):
+    per_rec: dict[str, int] = {}
+    for kind in ("sentence_boundary", "mid_sentence"):  # the rarer kind picks first
         of_kind = [c for c in candidates if c[2] == kind]
-        per_rec: dict[str, int] = {}
+        n = 0
         for k in rng_b.permutation(len(of_kind)):
             rec = of_kind[k][0]
-            if per_rec.get(rec.id, 0) < MAX_STRETCH_PER_RECORDING:
+            if per_rec.get(rec.id, 0) < MAX_STRETCH_PER_RECORDING and n < STRETCH_PER_KIND:
                 per_rec[rec.id] = per_rec.get(rec.id, 0) + 1
                 chosen_c.append(of_kind[k])
-            if sum(per_rec.values()) >= STRETCH_PER_KIND:
-                break
+                n += 1
     chosen_c.sort(key=lambda c: (c[0].id, c[1]))
     for rec, gap, kind, before in chosen_c:
         for bi in range(len(PAUSE_BINS)):

@@ -81,7 +81,6 @@ from workers.turn_detection import (
 log = logging.getLogger(__name__)
 
 ACTIVE_TURN_TTL_S = 120  # an agent turn nobody finished is forgotten after this
-TEXT_POLL_S = 0.01  # how often the speculative transcript is looked for at a pause
 
 
 @dataclass
