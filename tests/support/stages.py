@@ -37,6 +37,8 @@ async def transcribe_slowly(event: Event, ctx: Context) -> AsyncIterator[Emit]:
     if isinstance(event, TurnEnded):
         if event.rule == "poison":
             raise RuntimeError("this turn always fails")
+        if event.rule == "hold_first_delivery" and ctx.deliveries == 1:
+            await asyncio.Event().wait()  # mid-job until a peer takes it over (lease tests)
         if DELAY:
             await asyncio.sleep(DELAY)
         yield Emit(ctx.keys.out(event.session_id), Transcript(
