@@ -1063,15 +1063,19 @@ def load_corpus(build: bool = True) -> tuple[list[Turn], dict[str, Any]]:
     return turns, data["manifest"]
 
 
-def export(turns: list[Turn], folder: Path) -> None:
+def export(turns: list[Turn], folder: Path) -> list[Path]:
+    """Each turn as a 16 kHz WAV in ``folder``; the paths, in the turns' order."""
     folder.mkdir(parents=True, exist_ok=True)
+    paths = []
     for t in turns:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", t.id) + ".wav"
-        with wave.open(str(folder / name), "wb") as w:
+        path = folder / (re.sub(r"[^A-Za-z0-9._-]+", "_", t.id) + ".wav")
+        with wave.open(str(path), "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
             w.setframerate(RATE)
             w.writeframes(t.pcm16)
+        paths.append(path)
+    return paths
 
 
 def main() -> None:

@@ -522,7 +522,7 @@ class Gateway:
         self.cancel = CancelLane(self.bus, config.redis.session_ttl_s)
         self.cancel.listeners.append(self._on_cancel)
         self.memory = ConversationMemory(self.redis, config.redis.key_prefix, config.memory,
-                                         config.context_window)
+                                         config.context_window, config.prompt_budget())
         self.secret = load_secret(config.gateway.secret, config.gateway.secret_file)
         self.sessions: dict[str, DeviceSession] = {}
         self.positions: dict[str, str] = {}  # out stream -> last id read

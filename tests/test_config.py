@@ -243,3 +243,22 @@ def test_vad_thresholds_must_be_ordered() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(env={"VOICEBUS_VAD__SMART_TURN__CONFIDENCE_THRESHOLD": "0.3"})
     assert "vad.smart_turn" in str(err.value)
+
+
+def test_the_prompt_budget_follows_the_local_servers_context() -> None:
+    cfg = Config()  # the local server: n_ctx 2048, replies of at most 256 tokens
+    assert cfg.prompt_budget() == int((2048 - 256) * 0.85)
+    bigger = load_config(env={"VOICEBUS_LLM__LOCAL__N_CTX": "8192"})
+    assert bigger.prompt_budget() == int((8192 - 256) * 0.85)
+    capped = load_config(env={"VOICEBUS_LLM__LOCAL__N_CTX": "8192",
+                              "VOICEBUS_CONTEXT_WINDOW__MAX_TOKENS": "3000"})
+    assert capped.prompt_budget() == 3000
+    remote = load_config(env={"VOICEBUS_LLM__BASE_URL": "http://llm:8000/v1"})
+    assert remote.prompt_budget() == 4000  # its context is not ours to know
+
+
+def test_a_context_too_small_for_the_reply_is_refused() -> None:
+    with pytest.raises(ConfigError, match="n_ctx 512 leaves"):
+        load_config(env={"VOICEBUS_LLM__LOCAL__N_CTX": "512"})
+    with pytest.raises(ConfigError, match="trim_block must be"):
+        load_config(env={"VOICEBUS_CONTEXT_WINDOW__TRIM_BLOCK": "30"})

@@ -258,3 +258,50 @@ def test_a_continued_turn_replaces_the_fragment_and_drops_its_reply(
                     ("whole", "assistant", "Paris.")]
     [asked] = [r for r in server.requests if r.user_text == "What is the capital of France?"]
     assert [m["role"] for m in asked.body["messages"]] == ["system", "user"]  # no fragment
+
+
+def test_a_summary_gives_way_to_a_live_turn_and_warms_the_next_prompt(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    import threading
+
+    summary = "The user is Ada, who likes green tea and is planning a trip to Lisbon."
+    gate = threading.Event()  # the first summary is mid-way for as long as the test needs
+    server.scripts = [Script.reply(["Lisbon is lovely."]),
+                      Script.reply(["The user ", "is Ada."], hold=(1, gate)),
+                      Script.reply(["In May."]),
+                      Script.reply([summary]),
+                      Script.reply(["Sure"])]  # the warm-up (one token asked)
+    memory_cfg = MemoryConfig()
+
+    async def prefill() -> None:
+        client = aioredis.Redis.from_url(workers.url)
+        try:
+            memory = ConversationMemory(client, workers.prefix, memory_cfg)
+            for i in range(22):
+                await memory.append("ada", "user", f"Question {i} about tea and travel.")
+                await memory.append("ada", "assistant", f"Answer {i}: " + "words " * 10)
+        finally:
+            await client.aclose()
+
+    asyncio.run(prefill())  # 44 messages: above the trigger (40)
+    keys = start_llm(workers, server, VOICEBUS_MEMORY__SUMMARIZATION__IDLE_S="1")
+    asked = time.time()
+    session, turn = say(sync_redis, keys, "ada", "When should I go to Lisbon?")
+    answered(sync_redis, keys, session, turn)
+    wait_for(lambda: len(server.requests) >= 2, what="the summary request")
+    assert server.requests[1].at - asked >= 1.0  # it waited for a quiet second
+    # The user speaks while the summary is being written: the summary gives way.
+    _, second = say(sync_redis, keys, "ada", "And when is it warm?", session=session)
+    answered(sync_redis, keys, session, second)
+    wait_for(lambda: "gave way to a live turn" in workers.logs(), what="the summary giving way")
+    assert server.requests[2].user_text == "And when is it warm?"
+    gate.set()
+    wait_for(lambda: server.requests[1].aborted, what="the first summary's request closed")
+    # After the second reply it is tried again, stored, and the next prompt warmed.
+    wait_for(lambda: sync_redis.get(keys.user_summary("ada")) == summary.encode(),
+             what="the summary stored")
+    wait_for(lambda: len(server.requests) >= 5, what="the warm-up request")
+    warm = server.requests[4].body
+    assert warm["max_tokens"] == 1
+    assert warm["messages"][0]["content"] == SYSTEM and summary in warm["messages"][1]["content"]
+    assert warm["messages"][-1]["content"] == "In May."  # the history, no new user text

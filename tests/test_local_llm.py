@@ -119,3 +119,48 @@ def test_concurrent_requests_are_queued_not_cut_short(local_llm_url: str) -> Non
     first, second = asyncio.run(both())
     assert len(first.split()) >= 10, first  # not cut short by the second request
     assert second.strip(), second
+
+
+def test_the_longest_prompt_and_reply_fit_the_servers_context(
+        redis_url: str, prefix: str) -> None:
+    # The prompt budget is an estimate; counted with the model's own tokenizer and chat
+    # template, the fullest prompt voicebus builds (numbers, German, English) plus the
+    # longest reply must fit n_ctx, or llama.cpp refuses the request.
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from workers.bus import connect
+    from workers.config import Config
+    from workers.memory import ConversationMemory
+
+    config = Config()
+    model = llama_cpp.Llama(str(gguf_path(config.llm)), vocab_only=True, verbose=False)
+    lines = ["My phone number is 415-555-0123 and my card is 4111 1111 1111 1111.",
+             "Ich heiße Jürgen und wohne in München, Straße 12.",
+             "Tell me more about the history of the Eiffel Tower, please."]
+
+    async def conversation() -> list[list[dict[str, str]]]:
+        client = connect(redis_url)
+        try:
+            memory = ConversationMemory(client, prefix, config.memory, config.context_window,
+                                        config.prompt_budget())
+            prompts = []
+            for i in range(24):
+                question = (lines[i % 3] + " ") * 2
+                prompts.append(await memory.prompt("max", config.llm.system_prompt, question))
+                await memory.append("max", "user", question)
+                await memory.append("max", "assistant", (lines[(i + 1) % 3] + " ") * 3)
+            return prompts
+        finally:
+            await client.aclose()
+
+    template = model.metadata["tokenizer.chat_template"]
+    render = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="")
+
+    def tokens(messages: list[dict[str, str]]) -> int:
+        text = render(messages=messages).prompt
+        return len(model.tokenize(text.encode(), add_bos=False, special=True))
+
+    counted = [tokens(p) for p in asyncio.run(conversation())]
+    assert max(counted) > 0.6 * config.llm.local.n_ctx  # the window did fill up
+    assert max(counted) + config.llm.max_tokens <= config.llm.local.n_ctx

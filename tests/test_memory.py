@@ -122,7 +122,7 @@ async def test_prompt_within_budget(mem: ConversationMemory, size: int) -> None:
     await mem.replace_with_summary("frank", "y" * min(size * 3 + 1, 20000), hist[:5])
     msgs = await mem.prompt("frank", SYSTEM, "and now?")
     window = ContextWindowConfig()
-    assert prompt_tokens(msgs) <= window.max_tokens
+    assert prompt_tokens(msgs) <= mem.budget == 4000
     assert msgs[0]["content"] == SYSTEM and msgs[-1]["content"] == "and now?"
     history = msgs[1:-1]
     if history and history[0]["content"].startswith(SUMMARY_PREFIX):
@@ -223,3 +223,50 @@ async def test_continuing_a_turn_that_stored_nothing_just_stores_the_utterance(
     assert [(m.turn_id, m.content) for m in await mem.history("ben")] == [("t9", "One utterance.")]
     with pytest.raises(ValueError):
         await mem.continue_turn("ben", "", "t9", "x")
+
+
+async def test_prompts_extend_each_other_between_block_cuts(
+        client: aioredis.Redis, prefix: str) -> None:
+    # A conversation of 30 turns: each prompt must start like the previous one (so a
+    # prefix-caching server evaluates only the new messages) except when the window
+    # drops a block of old history; the budget holds throughout.
+    window = ContextWindowConfig(keep_recent_messages=20, trim_block=10)
+    mem = ConversationMemory(client, prefix, MemoryConfig(max_messages_per_user=50),
+                             window, budget=1500)
+    previous: list[dict[str, str]] = []
+    changed, reused = 0, []
+    for turn in range(30):
+        question = f"Question {turn}: what about {'tea ' * (turn % 7)}and travel?"
+        built = await mem.build_prompt("ivy", SYSTEM, question)
+        msgs = built.messages
+        assert built.tokens == prompt_tokens(msgs) <= 1500
+        assert msgs[-1] == {"role": "user", "content": question}
+        if previous:
+            if msgs[:len(previous)] == previous:
+                reused.append(built.reused_tokens)
+                assert built.reused_tokens == prompt_tokens(previous)  # the reply too
+            else:
+                changed += 1
+                assert built.reused_tokens == prompt_tokens(msgs[:1])  # the system prompt
+        await mem.append("ivy", "user", question)
+        await mem.append("ivy", "assistant", f"Answer {turn}. " + "Words and more. " * 6)
+        previous = [*msgs, {"role": "assistant",
+                            "content": f"Answer {turn}. " + "Words and more. " * 6}]
+    assert changed <= 5  # not every turn once the window is full (it was 20 of 29)
+    assert len(reused) >= 24
+
+
+async def test_the_newest_history_is_what_the_window_keeps(
+        client: aioredis.Redis, prefix: str) -> None:
+    mem = ConversationMemory(client, prefix, MemoryConfig(), ContextWindowConfig(), budget=4000)
+    await fill(mem, "jo", 30)
+    msgs = await mem.prompt("jo", SYSTEM, "next")
+    assert [m["content"][:4] for m in msgs[1:-1]] == [f"m{i:03d}" for i in range(20, 30)]
+    await mem.redis.set(mem.keys.user_window("jo"), b"\xff not json")  # unreadable state
+    assert (await mem.prompt("jo", SYSTEM, "next"))[1:-1] == msgs[1:-1]
+
+
+async def test_the_same_prompt_twice_is_all_reused(mem: ConversationMemory) -> None:
+    first = await mem.build_prompt("kim", SYSTEM, "Two plus two?")
+    again = await mem.build_prompt("kim", SYSTEM, "Two plus two?")  # a redelivered turn
+    assert first.reused_tokens == 0 and again.reused_tokens == again.tokens

@@ -109,6 +109,16 @@ class Supervisor:
             self._redis.stop()
             self._redis = None
 
+    def pids(self) -> dict[str, int]:
+        """Process ids by role (each stage, ``llm-server``, ``redis``), for measuring."""
+        with self._lock:
+            out = {stage: proc.pid for stage, proc in self._procs.items()}
+        for name, owner in (("llm-server", self._llm_server), ("redis", self._redis)):
+            pid = owner.pid if owner is not None else None
+            if pid is not None:
+                out[name] = pid
+        return out
+
     def __enter__(self) -> Supervisor:
         self.start()
         return self

@@ -233,6 +233,11 @@ class SummarizationConfig(_Section):
     trigger_at: PositiveInt = 40  # messages stored before summarizing
     keep_summary: bool = True
     keep_recent: NonNegativeInt = 10  # messages kept verbatim after summarizing
+    # A summary starts only once no turn has started (on any LLM worker) for this long,
+    # and gives way when one starts: on a server that answers one request at a time
+    # (the local llama.cpp) it would hold up the live turn. 0: summarize at once,
+    # beside live turns (a server with parallel slots).
+    idle_s: NonNegativeFloat = 4.0
 
 
 class MemoryConfig(_Section):
@@ -255,9 +260,21 @@ class MemoryConfig(_Section):
 
 
 class ContextWindowConfig(_Section):
-    """How much history is sent to the LLM per turn."""
-    max_tokens: PositiveInt = 4000
+    """How much history is sent to the LLM per turn (`Config.prompt_budget`)."""
+    # None: the local server's n_ctx minus the reply's llm.max_tokens (with a margin
+    # for the estimate), or 4000 for an endpoint whose context voicebus cannot know.
+    max_tokens: PositiveInt | None = None
     keep_recent_messages: PositiveInt = 20
+    # The oldest history is dropped this many messages at a time, not two per turn:
+    # between drops each prompt extends the previous one, so a server with a prefix
+    # cache (llama.cpp, vLLM) evaluates only the new messages.
+    trim_block: PositiveInt = 10
+
+    @model_validator(mode="after")
+    def _block_fits(self) -> Self:
+        if self.trim_block > self.keep_recent_messages:
+            raise ValueError("trim_block must be <= keep_recent_messages")
+        return self
 
 
 class MaxLenConfig(_Section):
@@ -338,6 +355,14 @@ class LogConfig(_Section):
         return v.upper() if isinstance(v, str) else v
 
 
+DEFAULT_PROMPT_TOKENS = 4000  # an endpoint of unknown context: what most serve
+# The prompt's token count is an estimate (workers.memory.estimate_tokens); this share of
+# the local server's free context is what it may use, so a digit-heavy or non-English
+# history (more tokens per character) still fits.
+PROMPT_ESTIMATE_MARGIN = 0.85
+MIN_PROMPT_TOKENS = 256
+
+
 class Config(_Section):
     """The whole voicebus configuration."""
     vad: VadConfig = Field(default_factory=VadConfig)
@@ -351,6 +376,25 @@ class Config(_Section):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> Self:
+        if self.prompt_budget() < MIN_PROMPT_TOKENS:
+            raise ValueError(
+                f"llm.local.n_ctx {self.llm.local.n_ctx} leaves {self.prompt_budget()} tokens "
+                f"for the prompt after llm.max_tokens {self.llm.max_tokens}; need at least "
+                f"{MIN_PROMPT_TOKENS} (raise n_ctx or lower max_tokens)")
+        return self
+
+    def prompt_budget(self) -> int:
+        """Most (estimated) tokens of a prompt. For the local server it is derived from
+        its context so that prompt + reply never overflow it: llama.cpp refuses such a
+        request outright."""
+        limit = self.context_window.max_tokens
+        if self.llm.backend == "openai" and self.llm.base_url is None:
+            room = int((self.llm.local.n_ctx - self.llm.max_tokens) * PROMPT_ESTIMATE_MARGIN)
+            return min(limit, room) if limit else room
+        return limit or DEFAULT_PROMPT_TOKENS
 
     def dump_yaml(self) -> str:
         """This configuration as YAML that `load_config` reads back unchanged."""

@@ -86,9 +86,19 @@ class Keys:
         """A user's learned mid-turn pause length (adaptive turn detection)."""
         return f"{self.prefix}:user:{{{user_id}}}:pauses"
 
+    def user_window(self, user_id: str) -> str:
+        """Where a user's prompt window starts and what the last prompt held
+        (``workers.prompt_window``): the next prompt keeps its prefix."""
+        return f"{self.prefix}:user:{{{user_id}}}:window"
+
     def user_summarizing(self, user_id: str) -> str:
         """A lock: one worker at a time summarizes a user's conversation."""
         return f"{self.prefix}:user:{{{user_id}}}:summarizing"
+
+    def llm_turn_started(self) -> str:
+        """When an LLM worker last started a live turn (a background summary waits for a
+        quiet moment and gives way to live turns)."""
+        return f"{self.prefix}:llm:turn_started"
 
     def turn_latency(self) -> str:
         """One entry per finished turn with its latency breakdown (the gateway writes it,

@@ -114,14 +114,22 @@ class _Turn:
             return None
         return round((self.first_token - self.started) * 1000, 1)
 
+    def tokens_per_s(self) -> float | None:
+        """Decoding speed after the first token."""
+        if self.first_token is None:
+            return None
+        span = (self.last_token or self.first_token) - self.first_token
+        return round((self.tokens - 1) / span, 1) if span > 0 and self.tokens > 1 else None
+
     def metrics(self, outcome: str) -> str:
         if self.first_token is None:
             return (f"ttft - ms, 0 tokens, {self.chunks} chunks, {self.attempts} attempt(s): "
                     f"{outcome}")
         ttft = (self.first_token - self.started) * 1000
         span = (self.last_token or self.first_token) - self.first_token
-        rate = f"{(self.tokens - 1) / span:.1f}" if span > 0 and self.tokens > 1 else "-"
-        return (f"ttft {ttft:.0f} ms, {self.tokens} tokens in {span:.2f} s ({rate} tokens/s), "
+        rate = self.tokens_per_s()
+        return (f"ttft {ttft:.0f} ms, {self.tokens} tokens in {span:.2f} s "
+                f"({rate if rate is not None else '-'} tokens/s), "
                 f"{self.chunks} chunks, {self.attempts} attempt(s): {outcome}")
 
 
@@ -191,8 +199,10 @@ class LlmStage:
         if self._memory is None:  # the runtime's client exists only once it runs
             cfg = self.full_config
             self._memory = ConversationMemory(ctx.bus.redis, ctx.keys.prefix, cfg.memory,
-                                              cfg.context_window)
-            self._summarizer = Summarizer(self._memory, self.backend, self.config.timeout)
+                                              cfg.context_window, cfg.prompt_budget())
+            self._summarizer = Summarizer(
+                self._memory, self.backend, self.config.timeout,
+                idle_s=cfg.memory.summarization.idle_s, next_prompt=self._next_prompt)
         return self._memory
 
     def chunker(self) -> Chunker:
@@ -209,6 +219,9 @@ class LlmStage:
                 yield emit
             return
         user = memory_user(event)
+        self.memory(ctx)
+        assert self._summarizer is not None
+        await self._summarizer.turn_started()  # a background summary gives way
         span = trace.get_current_span()  # the runtime's span for this stage
         span.update_name(f"{semconv.LLM} {self.config.model}")
         span.set_attributes({semconv.GEN_AI_OPERATION: "chat",
@@ -226,8 +239,9 @@ class LlmStage:
         turn = _Turn()
         async for emit in self._reply(event, ctx, messages, turn):
             yield emit
-        ttft = turn.ttft_ms()
+        ttft, rate = turn.ttft_ms(), turn.tokens_per_s()
         span.set_attributes({semconv.GEN_AI_OUTPUT_TOKENS: turn.tokens,
+                             **({semconv.LLM_TOKENS_PER_S: rate} if rate is not None else {}),
                              semconv.LLM_CHUNKS: turn.chunks,
                              semconv.OUTCOME: turn.outcome or "ended",
                              **({semconv.LLM_TTFT_MS: ttft} if ttft is not None else {})})
@@ -244,13 +258,22 @@ class LlmStage:
 
     async def _prompt(self, ctx: Context, user: str, event: Transcript) -> list[ChatMessage]:
         try:
-            prompt = await self.memory(ctx).prompt(user, self.config.system_prompt, event.text,
-                                                   turn_id=event.turn_id)
+            prompt = await self.memory(ctx).build_prompt(
+                user, self.config.system_prompt, event.text, turn_id=event.turn_id)
         except (RedisError, OSError) as exc:
             log.warning("memory unavailable (%s: %s); answering without history",
                         type(exc).__name__, exc)
             return build_messages(self.config.system_prompt, event.text)
-        return cast(list[ChatMessage], prompt)
+        trace.get_current_span().set_attributes({
+            semconv.LLM_PROMPT_TOKENS: prompt.tokens,
+            semconv.LLM_PROMPT_REUSED_TOKENS: prompt.reused_tokens})
+        return cast(list[ChatMessage], prompt.messages)
+
+    async def _next_prompt(self, user: str) -> list[ChatMessage]:
+        """What the user's next turn will start with (the summarizer warms it)."""
+        assert self._memory is not None
+        prompt = await self._memory.build_prompt(user, self.config.system_prompt, "")
+        return cast(list[ChatMessage], prompt.messages[:-1])
 
     async def _remember(self, ctx: Context, user: str, event: Transcript, role: str, text: str,
                         *, interrupted: bool = False) -> None:

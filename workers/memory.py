@@ -28,13 +28,15 @@ import re
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
 import msgspec
 import redis.asyncio as aioredis
 
-from workers.config import ContextWindowConfig, MemoryConfig
+from workers.config import DEFAULT_PROMPT_TOKENS, ContextWindowConfig, MemoryConfig
 from workers.keys import Keys
+from workers.prompt_window import Candidate, choose_start, digests, shared_prefix
 
 Role = Literal["user", "assistant"]
 ROLES: Final = frozenset({"user", "assistant"})
@@ -47,11 +49,14 @@ MAX_SUMMARY_BYTES: Final = 32 * 1024
 # (seen: Qwen2.5 1.5B ended a reply with "[interrupted: the user did not hear ...]").
 INTERRUPTED_NOTE: Final = "(The user interrupted the reply above; they heard only that much.)"
 SUMMARY_PREFIX: Final = "Summary of the earlier conversation: "
-# Token estimate: ~4 characters per token for English text, plus ~4 tokens of
-# chat-format overhead (role, separators) per message. Deliberately model-free
-# and cheap; it errs on the generous side for English prose.
+# Token estimate, deliberately model-free and cheap: ~4 characters per token for
+# English text, a token per digit and per non-ASCII character (measured with Qwen2.5's
+# tokenizer: English prose 3.7-4.6 characters a token, "415-555-0123"-style numbers
+# 1.6, German 2.5, Chinese 1.1), plus ~4 tokens of chat-format overhead (role,
+# separators) per message. `Config.prompt_budget` leaves a margin on top.
 CHARS_PER_TOKEN: Final = 4
 TOKENS_PER_MESSAGE: Final = 4
+_DIGITS: Final = "0123456789"
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -66,9 +71,23 @@ class Message(msgspec.Struct, frozen=True):
     turn_id: str = ""
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A turn's chat messages and what they cost, estimated (`estimate_tokens`)."""
+    messages: list[dict[str, str]]
+    tokens: int
+    # Of them, how many the server can take from its prefix cache: the leading messages
+    # this prompt shares with the user's previous one (and the reply generated after
+    # it), if the server still holds that request.
+    reused_tokens: int
+
+
 def estimate_tokens(text: str) -> int:
     """Tokens one chat message with this content costs, roughly (see above)."""
-    return -(-len(text) // CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE
+    digits = sum(map(text.count, _DIGITS))
+    wide = len(text) - len(text.encode("ascii", "ignore"))
+    plain = len(text) - digits - wide
+    return -(-plain // CHARS_PER_TOKEN) + digits + wide + TOKENS_PER_MESSAGE
 
 
 def prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
@@ -203,11 +222,13 @@ class ConversationMemory:
         prefix: str,
         memory: MemoryConfig | None = None,
         context_window: ContextWindowConfig | None = None,
+        budget: int | None = None,
     ) -> None:
         self.redis = client
         self.prefix = prefix
         self.cfg = memory or MemoryConfig()
         self.window = context_window or ContextWindowConfig()
+        self.budget = budget or self.window.max_tokens or DEFAULT_PROMPT_TOKENS
         self._replace = client.register_script(_REPLACE)
         self._append = client.register_script(_APPEND)
         self._heard = client.register_script(_HEARD)
@@ -359,48 +380,79 @@ class ConversationMemory:
     async def prompt(
         self, user_id: str, system_prompt: str, user_text: str, *, turn_id: str = ""
     ) -> list[dict[str, str]]:
-        """OpenAI chat messages for the next turn, within ``context_window.max_tokens``.
+        """OpenAI chat messages for the next turn (`build_prompt`)."""
+        return (await self.build_prompt(user_id, system_prompt, user_text,
+                                        turn_id=turn_id)).messages
 
-        Order: system prompt, summary (as a system message), the most recent
-        messages oldest first (at most ``keep_recent_messages``), the new user
-        text. The system prompt and the user text are always included; what does
-        not fit goes first from the oldest history, then from the summary (cut
-        from its start, keeping the most recent part). Budget uses `estimate_tokens`.
-        Messages of ``turn_id`` itself are left out (a redelivered turn finds its own
-        user message already stored).
+    async def build_prompt(
+        self, user_id: str, system_prompt: str, user_text: str, *, turn_id: str = ""
+    ) -> Prompt:
+        """OpenAI chat messages for the next turn, within ``budget`` estimated tokens.
+
+        Order: system prompt, summary (as a system message), a window of the history
+        oldest first (at most ``keep_recent_messages``, `workers.prompt_window`: it
+        starts where the last prompt's did while that fits, so the prompt's prefix
+        holds), the new user text. The system prompt and the user text are always
+        included; what does not fit goes first from the oldest history, then from the
+        summary (cut from its start, keeping the most recent part). Budget uses
+        `estimate_tokens`. Messages of ``turn_id`` itself are left out (a redelivered
+        turn finds its own user message already stored).
         """
         validate_user_id(user_id)
+        window_key = self.keys.user_window(user_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(self.summary_key(user_id))
-            pipe.lrange(self.messages_key(user_id), -self.window.keep_recent_messages, -1)
-            raw_summary, raw_recent = await pipe.execute()
+            pipe.lrange(self.messages_key(user_id), 0, -1)
+            pipe.get(window_key)
+            raw_summary, raw_history, raw_window = await pipe.execute()
         head = {"role": "system", "content": system_prompt}
         tail = {"role": "user", "content": user_text}
-        budget = self.window.max_tokens - prompt_tokens([head, tail])
+        budget = self.budget - prompt_tokens([head, tail])
 
         summary_msgs: list[dict[str, str]] = []
         if raw_summary is not None and budget > TOKENS_PER_MESSAGE:
             text = raw_summary.decode("utf-8") if isinstance(raw_summary, bytes) else raw_summary
             content = SUMMARY_PREFIX + text
+            keep = (budget - TOKENS_PER_MESSAGE) * CHARS_PER_TOKEN - len(SUMMARY_PREFIX) - 1
+            while keep > 0 and estimate_tokens(content) > budget:
+                content = SUMMARY_PREFIX + "…" + text[len(text) - keep :]
+                keep -= max(1, (estimate_tokens(content) - budget) * CHARS_PER_TOKEN)
             if estimate_tokens(content) > budget:
-                keep = (budget - TOKENS_PER_MESSAGE) * CHARS_PER_TOKEN - len(SUMMARY_PREFIX) - 1
-                content = SUMMARY_PREFIX + "…" + text[len(text) - keep :] if keep > 0 else ""
+                content = ""
             if content:
                 summary_msgs.append({"role": "system", "content": content})
                 budget -= estimate_tokens(content)
 
-        recent: list[dict[str, str]] = []
-        for msg in reversed(_decode_all(raw_recent)):  # newest first
-            if turn_id and msg.turn_id == turn_id:
-                continue
-            rendered = render(msg)
-            cost = prompt_tokens(rendered)
-            if cost > budget:
-                break  # never skip a message and keep an older one: that would mislead
-            recent.extend(reversed(rendered))
-            budget -= cost
-        recent.reverse()
-        return [head, *summary_msgs, *recent, tail]
+        stored = [m for m in _decode_all(raw_history) if not (turn_id and m.turn_id == turn_id)]
+        rendered = [render(m) for m in stored]
+        previous = _window_state(raw_window)
+        candidates = [Candidate(m.id, prompt_tokens(r))
+                      for m, r in zip(stored, rendered, strict=True)]
+        start = choose_start(candidates, previous.get("anchor"), budget,
+                             self.window.keep_recent_messages, self.window.trim_block)
+        recent = [part for r in rendered[start:] for part in r]
+        messages = [head, *summary_msgs, *recent, tail]
+        now = digests(messages)
+        before = previous.get("digests") or []
+        shared = shared_prefix(before, now)
+        reused = prompt_tokens(messages[:shared])
+        if (before and shared == len(before) < len(messages)
+                and messages[shared]["role"] == "assistant"):
+            reused += prompt_tokens(messages[shared:shared + 1])  # the reply it generated
+        await self.redis.set(window_key, _encoder.encode(
+            {"anchor": stored[start].id if start < len(stored) else None, "digests": now}),
+            ex=self.cfg.message_ttl)
+        return Prompt(messages, prompt_tokens(messages), reused)
+
+
+def _window_state(raw: bytes | str | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    try:
+        state = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return {}  # unreadable: start a new window
+    return state if isinstance(state, dict) else {}
 
 
 def _decode_all(raw: Sequence[bytes | str]) -> list[Message]:

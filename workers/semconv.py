@@ -55,6 +55,11 @@ GEN_AI_TEMPERATURE: Final = "gen_ai.request.temperature"
 GEN_AI_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
 LLM_TTFT_MS: Final = "voicebus.llm.time_to_first_token_ms"
 LLM_CHUNKS: Final = "voicebus.llm.chunks"
+# Estimated (workers.memory.estimate_tokens): the prompt, and the part of it that
+# extends the user's previous prompt (what a prefix-caching server need not evaluate).
+LLM_PROMPT_TOKENS: Final = "voicebus.llm.prompt_tokens"
+LLM_PROMPT_REUSED_TOKENS: Final = "voicebus.llm.prompt_reused_tokens"
+LLM_TOKENS_PER_S: Final = "voicebus.llm.tokens_per_s"
 
 TTS_SEQ: Final = "voicebus.tts.seq"
 TTS_FIRST_AUDIO_MS: Final = "voicebus.tts.time_to_first_audio_ms"

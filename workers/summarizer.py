@@ -11,14 +11,23 @@ One worker at a time summarizes a given user (a lock key with a TTL, so a worker
 that dies mid-way does not block the next attempt for long). A failed or empty
 summary changes nothing: the history stays, capped at
 ``memory.max_messages_per_user``, and the next reply tries again.
+
+A summary never holds up a live turn (``summarization.idle_s``): it waits until no
+turn has started for that long, gives way (its request is closed, which stops the
+server between tokens) as soon as one starts, and tries again after a later reply.
+Once stored, it warms the server's prefix cache with the next turn's prompt, whose
+start it changed, so the next turn does not pay for the whole history again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -28,6 +37,9 @@ from workers.memory import MAX_SUMMARY_BYTES, ConversationMemory, Message
 log = logging.getLogger(__name__)
 
 LOCK_TTL_S = 300  # longer than any summary takes; expires if the holder dies
+MAX_IDLE_WAIT_S = 600.0  # no quiet moment in this long: give up until a later reply
+YIELD_POLL_S = 0.2  # how often a running summary checks for a live turn
+T = TypeVar("T")
 SUMMARY_MAX_TOKENS = 200
 INSTRUCTIONS = (
     "You keep the memory of a voice assistant. Merge the previous summary and the new "
@@ -52,29 +64,99 @@ def summary_request(previous: str | None, messages: list[Message]) -> list[ChatM
 
 
 class Summarizer:
-    def __init__(self, memory: ConversationMemory, backend: ChatBackend, timeout: float) -> None:
+    def __init__(self, memory: ConversationMemory, backend: ChatBackend, timeout: float, *,
+                 idle_s: float = 0.0,
+                 next_prompt: Callable[[str], Awaitable[Sequence[ChatMessage]]] | None = None,
+                 ) -> None:
         self.memory = memory
         self.backend = backend
         self.timeout = timeout
+        self.idle_s = idle_s
+        self.next_prompt = next_prompt  # the prompt to warm the server with afterwards
         self._unlock = memory.redis.register_script(_UNLOCK)
+        self._turns = memory.keys.llm_turn_started()
+
+    async def turn_started(self) -> None:
+        """A live turn starts (on this worker): summaries anywhere give way to it."""
+        if not self.idle_s:
+            return
+        try:
+            await self.memory.redis.set(self._turns, repr(time.time()), ex=LOCK_TTL_S)
+        except (RedisError, OSError) as exc:
+            log.warning("could not announce the live turn (%s: %s)", type(exc).__name__, exc)
 
     async def maybe_summarize(self, user_id: str) -> bool:
         """Summarize if the history is long enough and nobody else is; True if done."""
         try:
-            if not await self.memory.needs_summary(user_id):
+            if not await self.memory.needs_summary(user_id) or not await self._quiet():
                 return False
             lock = self.memory.keys.user_summarizing(user_id)
             token = secrets.token_hex(8)
             if not await self.memory.redis.set(lock, token, nx=True, ex=LOCK_TTL_S):
                 return False  # another worker is on it
             try:
-                return await self._summarize(user_id)
+                done = await self._giving_way(self._summarize(user_id), False)
             finally:
                 await self._unlock(keys=[lock], args=[token])
+            if done and self.next_prompt is not None:
+                await self._giving_way(self._warm(user_id), None)
+            return done
         except (RedisError, OSError) as exc:
             log.warning("summarization skipped: Redis unavailable (%s: %s)",
                         type(exc).__name__, exc)
             return False
+
+    async def _last_turn(self) -> str:
+        raw: Any = await self.memory.redis.get(self._turns)
+        return raw.decode() if isinstance(raw, bytes) else str(raw or "0")
+
+    async def _quiet(self) -> bool:
+        """Until no turn has started for ``idle_s``; False if that never happened."""
+        deadline = time.monotonic() + MAX_IDLE_WAIT_S
+        while self.idle_s:
+            quiet = time.time() - float(await self._last_turn())
+            if quiet >= self.idle_s:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(self.idle_s - quiet)
+        return True
+
+    async def _giving_way(self, work: Coroutine[Any, Any, T], instead: T) -> T:
+        """Run ``work``, cancelled (result ``instead``) as soon as a live turn starts."""
+        task = asyncio.ensure_future(work)
+        if not self.idle_s:
+            return await task
+        started = await self._last_turn()
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=YIELD_POLL_S)
+                if not task.done() and await self._last_turn() != started:
+                    log.info("background LLM work gave way to a live turn; it is tried "
+                             "again after a later reply")
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    return instead
+        finally:
+            if not task.done():  # we were cancelled ourselves
+                task.cancel()
+        return task.result()
+
+    async def _warm(self, user_id: str) -> None:
+        """Evaluate the next turn's prompt (its start changed) while nobody waits."""
+        assert self.next_prompt is not None
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout * 3):
+                async for _ in self.backend.stream(await self.next_prompt(user_id),
+                                                   max_tokens=1, temperature=0.0):
+                    pass
+        except (LlmError, TimeoutError) as exc:
+            log.warning("could not warm the prompt cache (%s: %s)", type(exc).__name__, exc)
+            return
+        log.info("warmed the prompt cache for the next turn in %.1f s",
+                 time.perf_counter() - started)
 
     async def _summarize(self, user_id: str) -> bool:
         started = time.perf_counter()

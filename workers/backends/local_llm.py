@@ -89,6 +89,10 @@ class LocalLlmServer:
         self._log = Path(tempfile.mkstemp(prefix="voicebus-llama-", suffix=".log")[1])
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def url(self) -> str:
         host = self.config.local.host
         reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
