@@ -115,8 +115,8 @@ def stats(values: list[float]) -> dict[str, Any]:
     values = [v for v in values if v is not None]
     if not values:
         return {"n": 0, "p50": None, "p95": None}
-    return {"n": len(values), "p50": round(percentile(values, 50)),
-            "p95": round(percentile(values, 95)), "max": round(max(values))}
+    return {"n": len(values), "p50": round(percentile(values, 0.5)),
+            "p95": round(percentile(values, 0.95)), "max": round(max(values))}
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -214,6 +214,7 @@ def main() -> int:
     llm = llm_spans(spans_path)
     rows = [row(i, turn, result, llm.get(result.trace_id, {}))
             for i, (turn, result) in enumerate(zip(turns, taken, strict=False))]
+    args.out.with_suffix(".rows.json").write_text(json.dumps(rows, indent=1))  # come what may
     summary = summarize(rows)
     report = {
         "benchmark": "conversation", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -311,6 +311,21 @@ def test_a_question_ends_at_the_probable_wait_even_if_smart_turn_doubts(models) 
     assert 700 <= turn.delay_ms <= 800
 
 
+def test_a_transcript_that_reads_complete_ends_the_turn_at_complete_silence(models) -> None:  # type: ignore[no-untyped-def]
+    # Smart Turn doubts this excerpt (see above); with complete_silence set, a transcript
+    # that reads finished ends it then, and one that reads unfinished still waits.
+    vad = Config().vad
+    config = vad.model_copy(update={"endpointing": vad.endpointing.model_copy(
+        update={"complete_silence": 1.0})})
+    audio = join(silence(1.0), speech(LIBRIVOX), silence(2.5))
+    [turn] = turns(detect(audio, models, config,
+                          transcribe=lambda _: "He was not an ill disposed young man."))
+    assert turn.rule == "text_complete" and 1000 <= turn.delay_ms <= 1050
+    [turn] = turns(detect(audio, models, config,
+                          transcribe=lambda _: "He was not an ill disposed young man and"))
+    assert turn.rule == "silence_timeout"
+
+
 def test_speech_before_the_reply_continues_the_turn_from_its_first_word(models) -> None:  # type: ignore[no-untyped-def]
     audio = join(silence(1.0), speech(GO_FORWARD), silence(1.0), speech(ARCTIC), silence(2.5))
     actions = detect(audio, models, continue_turns=True)

@@ -96,14 +96,17 @@ class EndpointingConfig(_Section):
 
     Smart Turn sets the wait: P >= confidence_threshold ends the turn at once,
     P >= threshold after ``probable_silence``, lower after the silence timeout. The
-    transcript of the turn so far can only lengthen it (it ends on "and", "to", a
-    comma or an unfinished list: the silence timeout) or, for a question, shorten it
-    to ``probable_silence``. A turn shorter than ``fallback.min_speech_duration`` ends
+    transcript of the turn so far can lengthen it (it ends on "and", "to", a
+    comma or an unfinished list: the silence timeout) or shorten it: a question to
+    ``probable_silence``, a transcript that reads complete to ``complete_silence``. A turn shorter than ``fallback.min_speech_duration`` ends
     early only when Smart Turn and the text agree.
     """
     text: bool = True  # use the speculative transcript at each pause (needs speculative_asr)
     text_wait: NonNegativeFloat = 1.2  # s (wall clock) to wait for it; then decide without it
     probable_silence: PositiveFloat = 0.75  # s of silence that ends a probable end
+    # s of silence that ends a turn whose transcript reads complete while Smart Turn is
+    # unsure (below threshold); None: only the silence timeout ends it.
+    complete_silence: PositiveFloat | None = None
 
 
 class ContinuationConfig(_Section):

@@ -24,6 +24,7 @@ Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
   >= confidence_threshold   anything else (or no transcript)            now (``smart_turn``)
   >= threshold              anything else                               ``probable_silence``
   below                     a question                                  ``probable_silence``
+  below                     reads complete ("... the table.")           ``complete_silence``
   below                     anything else                               silence timeout
   ========================  ==========================================  =================
 
@@ -158,6 +159,8 @@ class TurnDetector:
         self.min_model_speech = seconds(fb.min_speech_duration)
         self.silence_timeout = seconds(fb.silence_timeout) if fb.enabled else None
         self.probable_silence = seconds(config.endpointing.probable_silence)
+        complete = config.endpointing.complete_silence
+        self.complete_silence = seconds(complete) if complete is not None else None
         self.trigger = seconds(st.trigger_silence)
         self.max_turn = seconds(fb.max_turn_duration)
         self.max_model_audio = seconds(st.max_audio)
@@ -274,6 +277,8 @@ class TurnDetector:
             return self.trigger, "smart_turn"
         if probability >= st.threshold or kind == "question":
             return self._stretched(self.probable_silence), "smart_turn_probable"
+        if kind == "complete" and self.complete_silence is not None:
+            return self._stretched(self.complete_silence), "text_complete"
         return None, ""
 
     def _check_end(self) -> list[Action]:
