@@ -258,7 +258,8 @@ async def test_prompts_extend_each_other_between_block_cuts(
 
 async def test_the_newest_history_is_what_the_window_keeps(
         client: aioredis.Redis, prefix: str) -> None:
-    mem = ConversationMemory(client, prefix, MemoryConfig(), ContextWindowConfig(), budget=4000)
+    mem = ConversationMemory(client, prefix, MemoryConfig(),
+                             ContextWindowConfig(keep_recent_messages=20), budget=4000)
     await fill(mem, "jo", 30)
     msgs = await mem.prompt("jo", SYSTEM, "next")
     assert [m["content"][:4] for m in msgs[1:-1]] == [f"m{i:03d}" for i in range(20, 30)]
@@ -270,3 +271,14 @@ async def test_the_same_prompt_twice_is_all_reused(mem: ConversationMemory) -> N
     first = await mem.build_prompt("kim", SYSTEM, "Two plus two?")
     again = await mem.build_prompt("kim", SYSTEM, "Two plus two?")  # a redelivered turn
     assert first.reused_tokens == 0 and again.reused_tokens == again.tokens
+
+
+async def test_the_summary_is_asked_for_at_the_end_of_the_users_prompt(
+        mem: ConversationMemory) -> None:
+    await fill(mem, "lea", 12)
+    await mem.replace_with_summary("lea", "Lea likes tea.", (await mem.history("lea"))[:2])
+    prompt = await mem.prompt("lea", SYSTEM, "next")
+    ask = await mem.summary_prompt("lea", SYSTEM, "Summarize.")
+    assert ask[:-1] == prompt[:-1]  # the same prefix: a cache hit on the server
+    assert ask[1]["content"].endswith("Lea likes tea.") and ask[-1] == {
+        "role": "user", "content": "Summarize."}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from workers.prompt_window import Candidate, choose_start, digests, shared_prefix
 
 
@@ -38,7 +40,7 @@ def test_a_growing_history_changes_the_prompts_prefix_once_per_block() -> None:
         anchor = h[start].id
         starts.append(start)
         assert n - start <= 20
-    moves = sum(1 for a, b in zip(starts, starts[1:], strict=False) if a != b)
+    moves = sum(1 for a, b in itertools.pairwise(starts) if a != b)
     # 30 turns: the window grew from 10 to 20 messages and moved on every 6th turn
     # (at 22, 34, 46 and 58 messages), not on every turn.
     assert moves == 4 and starts[-1] == 48

@@ -98,8 +98,9 @@ class EndpointingConfig(_Section):
     P >= threshold after ``probable_silence``, lower after the silence timeout. The
     transcript of the turn so far can lengthen it (it ends on "and", "to", a
     comma or an unfinished list: the silence timeout) or shorten it: a question to
-    ``probable_silence``, a transcript that reads complete to ``complete_silence``. A turn shorter than ``fallback.min_speech_duration`` ends
-    early only when Smart Turn and the text agree.
+    ``probable_silence``, a transcript that reads complete to ``complete_silence``.
+    A turn shorter than ``fallback.min_speech_duration`` ends early only when Smart
+    Turn and the text agree.
     """
     text: bool = True  # use the speculative transcript at each pause (needs speculative_asr)
     text_wait: NonNegativeFloat = 1.2  # s (wall clock) to wait for it; then decide without it
@@ -267,7 +268,9 @@ class ContextWindowConfig(_Section):
     # None: the local server's n_ctx minus the reply's llm.max_tokens (with a margin
     # for the estimate), or 4000 for an endpoint whose context voicebus cannot know.
     max_tokens: PositiveInt | None = None
-    keep_recent_messages: PositiveInt = 20
+    # At most this many messages since the summary; with summarization on, as many as
+    # it lets pile up (trigger_at), so a summary is the only cut on most days.
+    keep_recent_messages: PositiveInt = 40
     # The oldest history is dropped this many messages at a time, not two per turn:
     # between drops each prompt extends the previous one, so a server with a prefix
     # cache (llama.cpp, vLLM) evaluates only the new messages.

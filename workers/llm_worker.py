@@ -60,13 +60,16 @@ from workers import metrics, semconv
 from workers.backends.llm import ChatBackend, ChatMessage, LlmError, LlmTimeout, load_backend
 from workers.chunking import Chunker
 from workers.config import Config
-from workers.memory import ConversationMemory
+from workers.memory import ConversationMemory, prompt_tokens
 from workers.runtime import Context, Emit, JobStage
 from workers.summarizer import Summarizer
 
 log = logging.getLogger(__name__)
 
 SAY_AGAIN = "Sorry, could you say that again?"
+# A prompt this full (of its token budget) is summarized after the reply, whatever the
+# message count, before the window would have to drop history nobody summarized.
+FULL_PROMPT_SHARE = 0.8
 RETRY_PAUSE_S = 0.05  # before the one retry of a request that failed before any token
 
 
@@ -202,6 +205,7 @@ class LlmStage:
                                               cfg.context_window, cfg.prompt_budget())
             self._summarizer = Summarizer(
                 self._memory, self.backend, self.config.timeout,
+                system_prompt=self.config.system_prompt,
                 idle_s=cfg.memory.summarization.idle_s, next_prompt=self._next_prompt)
         return self._memory
 
@@ -254,7 +258,10 @@ class LlmStage:
         if turn.spoken and any(turn.spoken):
             await self._remember(ctx, user, event, "assistant", " ".join(
                 t for t in turn.spoken if t), interrupted=turn.outcome == "cancelled")
-            self._summarize_later(user)
+            # A prompt near its budget would soon drop history unsummarized: fold it now.
+            used = prompt_tokens(cast(list[dict[str, str]], messages))
+            self._summarize_later(
+                user, full=used >= FULL_PROMPT_SHARE * self.full_config.prompt_budget())
 
     async def _prompt(self, ctx: Context, user: str, event: Transcript) -> list[ChatMessage]:
         try:
@@ -292,11 +299,11 @@ class LlmStage:
             log.warning("could not replace the continued turn's message (%s: %s)",
                         type(exc).__name__, exc)
 
-    def _summarize_later(self, user: str) -> None:
+    def _summarize_later(self, user: str, *, full: bool) -> None:
         """Summarize in the background: the turn does not wait for it."""
         if self._summarizer is None or not self.full_config.memory.summarization.enabled:
             return
-        task = asyncio.create_task(self._summarizer.maybe_summarize(user))
+        task = asyncio.create_task(self._summarizer.maybe_summarize(user, full=full))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

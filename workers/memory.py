@@ -36,7 +36,13 @@ import redis.asyncio as aioredis
 
 from workers.config import DEFAULT_PROMPT_TOKENS, ContextWindowConfig, MemoryConfig
 from workers.keys import Keys
-from workers.prompt_window import Candidate, choose_start, digests, shared_prefix
+from workers.prompt_window import (
+    Candidate,
+    choose_start,
+    digests,
+    longest_suffix,
+    shared_prefix,
+)
 
 Role = Literal["user", "assistant"]
 ROLES: Final = frozenset({"user", "assistant"})
@@ -409,20 +415,8 @@ class ConversationMemory:
         tail = {"role": "user", "content": user_text}
         budget = self.budget - prompt_tokens([head, tail])
 
-        summary_msgs: list[dict[str, str]] = []
-        if raw_summary is not None and budget > TOKENS_PER_MESSAGE:
-            text = raw_summary.decode("utf-8") if isinstance(raw_summary, bytes) else raw_summary
-            content = SUMMARY_PREFIX + text
-            keep = (budget - TOKENS_PER_MESSAGE) * CHARS_PER_TOKEN - len(SUMMARY_PREFIX) - 1
-            while keep > 0 and estimate_tokens(content) > budget:
-                content = SUMMARY_PREFIX + "…" + text[len(text) - keep :]
-                keep -= max(1, (estimate_tokens(content) - budget) * CHARS_PER_TOKEN)
-            if estimate_tokens(content) > budget:
-                content = ""
-            if content:
-                summary_msgs.append({"role": "system", "content": content})
-                budget -= estimate_tokens(content)
-
+        summary_msgs = _summary_message(raw_summary, budget)
+        budget -= prompt_tokens(summary_msgs)
         stored = [m for m in _decode_all(raw_history) if not (turn_id and m.turn_id == turn_id)]
         rendered = [render(m) for m in stored]
         previous = _window_state(raw_window)
@@ -443,6 +437,44 @@ class ConversationMemory:
             {"anchor": stored[start].id if start < len(stored) else None, "digests": now}),
             ex=self.cfg.message_ttl)
         return Prompt(messages, prompt_tokens(messages), reused)
+
+
+    async def summary_prompt(self, user_id: str, system_prompt: str,
+                             instructions: str) -> list[dict[str, str]]:
+        """The conversation as the user's prompts show it — system prompt, summary, the
+        stored history (all of it, as far as the budget goes) — and then
+        ``instructions``: asked so, a summary costs a prefix-caching server only the
+        instructions, since its last prompt began the same way."""
+        validate_user_id(user_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.summary_key(user_id))
+            pipe.lrange(self.messages_key(user_id), 0, -1)
+            raw_summary, raw_history = await pipe.execute()
+        head = {"role": "system", "content": system_prompt}
+        tail = {"role": "user", "content": instructions}
+        budget = self.budget - prompt_tokens([head, tail])
+        summary_msgs = _summary_message(raw_summary, budget)
+        budget -= prompt_tokens(summary_msgs)
+        rendered = [render(m) for m in _decode_all(raw_history)]
+        start = longest_suffix([Candidate(str(i), prompt_tokens(r))
+                                for i, r in enumerate(rendered)], budget, len(rendered))
+        return [head, *summary_msgs, *[p for r in rendered[start:] for p in r], tail]
+
+
+def _summary_message(raw: bytes | str | None, budget: int) -> list[dict[str, str]]:
+    """The summary as a system message within ``budget`` (cut from its start, keeping
+    the most recent part), or none."""
+    if raw is None or budget <= TOKENS_PER_MESSAGE:
+        return []
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    content = SUMMARY_PREFIX + text
+    keep = (budget - TOKENS_PER_MESSAGE) * CHARS_PER_TOKEN - len(SUMMARY_PREFIX) - 1
+    while keep > 0 and estimate_tokens(content) > budget:
+        content = SUMMARY_PREFIX + "…" + text[len(text) - keep :]
+        keep -= max(1, (estimate_tokens(content) - budget) * CHARS_PER_TOKEN)
+    if estimate_tokens(content) > budget:
+        return []
+    return [{"role": "system", "content": content}]
 
 
 def _window_state(raw: bytes | str | None) -> dict[str, Any]:

@@ -38,22 +38,28 @@ def choose_start(history: Sequence[Candidate], anchor: str | None, budget: int,
     message fits that share, the longest suffix that fits at all).
     """
     n = len(history)
-    suffix = [0] * (n + 1)  # suffix[i]: tokens of history[i:]
-    for i in range(n - 1, -1, -1):
-        suffix[i] = suffix[i + 1] + history[i].tokens
     if anchor is not None:
         for i, candidate in enumerate(history):
             if candidate.id == anchor:
-                if n - i <= keep and suffix[i] <= budget:
+                if n - i <= keep and sum(c.tokens for c in history[i:]) <= budget:
                     return i
                 break
     count = max(1, keep - block)
-    for most, tokens in ((count, budget * count // keep), (keep, budget)):
-        # The second try: messages so long that not even the newest fits the share.
-        for i in range(max(0, n - most), n):
-            if suffix[i] <= tokens:
-                return i
-    return n
+    start = longest_suffix(history, budget * count // keep, count)
+    # Messages so long that not even the newest fits the share: what fits at all.
+    return start if start < n else longest_suffix(history, budget, keep)
+
+
+def longest_suffix(history: Sequence[Candidate], budget: int, most: int) -> int:
+    """Start of the longest run of newest messages, at most ``most``, within ``budget``
+    (``len(history)``: not even the newest fits)."""
+    start, total = len(history), 0
+    while start > 0 and len(history) - start < most:
+        total += history[start - 1].tokens
+        if total > budget:
+            break
+        start -= 1
+    return start
 
 
 def digests(messages: Sequence[dict[str, str]]) -> list[str]:

@@ -2,10 +2,11 @@
 
 The LLM stage calls `Summarizer.maybe_summarize` in a background task after a
 reply is stored. When the user's history has reached
-``memory.summarization.trigger_at`` messages, the model is asked to merge the
-previous summary with everything but the last ``keep_recent`` messages, and
-`ConversationMemory.replace_with_summary` swaps them atomically (messages stored
-meanwhile are kept).
+``memory.summarization.trigger_at`` messages (or the prompt nears its token budget),
+the model is asked, at the end of the conversation as the prompts show it, for a
+summary of everything so far, and `ConversationMemory.replace_with_summary` swaps it
+for all but the last ``keep_recent`` messages atomically (messages stored meanwhile
+are kept).
 
 One worker at a time summarizes a given user (a lock key with a TTL, so a worker
 that dies mid-way does not block the next attempt for long). A failed or empty
@@ -27,12 +28,12 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from redis.exceptions import RedisError
 
 from workers.backends.llm import ChatBackend, ChatMessage, LlmError
-from workers.memory import MAX_SUMMARY_BYTES, ConversationMemory, Message
+from workers.memory import MAX_SUMMARY_BYTES, ConversationMemory
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,14 @@ MAX_IDLE_WAIT_S = 600.0  # no quiet moment in this long: give up until a later r
 YIELD_POLL_S = 0.2  # how often a running summary checks for a live turn
 T = TypeVar("T")
 SUMMARY_MAX_TOKENS = 200
+# Asked at the end of the conversation itself (`ConversationMemory.summary_prompt`), not
+# in a request of its own: a prefix-caching server then evaluates only these words.
 INSTRUCTIONS = (
-    "You keep the memory of a voice assistant. Merge the previous summary and the new "
-    "messages into one short paragraph of at most 120 words. Keep every fact about the "
-    "user (name, preferences, plans, what they asked for) and anything still unresolved. "
-    "Write plain sentences. Reply with the summary only."
+    "(Not for the user: you keep the memory of this voice assistant.) Write the summary "
+    "of the whole conversation so far, the earlier summary included: one short paragraph "
+    "of at most 120 words. Keep every fact about the user (name, preferences, plans, what "
+    "they asked for) and anything still unresolved. Write plain sentences. Reply with the "
+    "summary only."
 )
 
 # Deletes the lock only if it is still ours (it may have expired and been retaken).
@@ -55,22 +59,15 @@ return 0
 """
 
 
-def summary_request(previous: str | None, messages: list[Message]) -> list[ChatMessage]:
-    """The chat request that asks for the merged summary."""
-    lines = [f"{m.role}: {m.content}{' (interrupted)' if m.interrupted else ''}"
-             for m in messages]
-    body = (f"Previous summary: {previous or '(none)'}\n\nNew messages:\n" + "\n".join(lines))
-    return [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": body}]
-
-
 class Summarizer:
     def __init__(self, memory: ConversationMemory, backend: ChatBackend, timeout: float, *,
-                 idle_s: float = 0.0,
+                 system_prompt: str, idle_s: float = 0.0,
                  next_prompt: Callable[[str], Awaitable[Sequence[ChatMessage]]] | None = None,
                  ) -> None:
         self.memory = memory
         self.backend = backend
         self.timeout = timeout
+        self.system_prompt = system_prompt  # the live turns' (the request starts like them)
         self.idle_s = idle_s
         self.next_prompt = next_prompt  # the prompt to warm the server with afterwards
         self._unlock = memory.redis.register_script(_UNLOCK)
@@ -85,10 +82,13 @@ class Summarizer:
         except (RedisError, OSError) as exc:
             log.warning("could not announce the live turn (%s: %s)", type(exc).__name__, exc)
 
-    async def maybe_summarize(self, user_id: str) -> bool:
-        """Summarize if the history is long enough and nobody else is; True if done."""
+    async def maybe_summarize(self, user_id: str, *, full: bool = False) -> bool:
+        """Summarize if the history is long enough (or ``full``: the prompt is near its
+        budget) and nobody else is; True if done."""
         try:
-            if not await self.memory.needs_summary(user_id) or not await self._quiet():
+            if not (full or await self.memory.needs_summary(user_id)):
+                return False
+            if not await self._quiet():
                 return False
             lock = self.memory.keys.user_summarizing(user_id)
             token = secrets.token_hex(8)
@@ -163,10 +163,10 @@ class Summarizer:
         covered = await self.memory.to_summarize(user_id)
         if not covered:
             return False
-        previous = await self.memory.summary(user_id)
+        request = await self.memory.summary_prompt(user_id, self.system_prompt, INSTRUCTIONS)
         try:
             async with asyncio.timeout(self.timeout * 3):  # generous: nobody is waiting
-                text = await self._ask(summary_request(previous, covered))
+                text = await self._ask(cast(list[ChatMessage], request))
         except (LlmError, TimeoutError) as exc:
             log.warning("summarization failed (%s: %s); the history is kept as it is",
                         type(exc).__name__, exc)
