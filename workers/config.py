@@ -105,6 +105,9 @@ class EndpointingConfig(_Section):
     text: bool = True  # use the speculative transcript at each pause (needs speculative_asr)
     text_wait: NonNegativeFloat = 1.2  # s (wall clock) to wait for it; then decide without it
     probable_silence: PositiveFloat = 0.75  # s of silence that ends a probable end
+    # s of silence before an end may be committed (the reply played); until then it is
+    # tentative, and speech continues the turn. With ``text`` only.
+    commit_silence: NonNegativeFloat = 0.7
     # s of silence that ends a turn whose transcript reads complete while Smart Turn is
     # unsure (below threshold); None: only the silence timeout ends it.
     complete_silence: PositiveFloat | None = None

@@ -40,7 +40,9 @@ Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
   (``TurnEnd(tentative=True)``: ASR and the LLM start at once, nothing is played)
   and is committed (``Commit``) as soon as the text agrees — or, if it says "goes
   on", once the silence timeout passes. Speech before the commit continues the
-  turn. The silence timeout always commits.
+  turn. The silence timeout always commits. No end is committed before
+  ``commit_silence`` (0.7 s): the reply is not ready sooner anyway (ASR, then the
+  LLM), and a pause shorter than that is often the user drawing breath.
 
 * **Continuation**: after a turn ended, its audio is kept. If the user speaks
   again before they heard any of the reply, the caller calls ``continue_turn()``
@@ -159,6 +161,7 @@ class TurnDetector:
         self.min_model_speech = seconds(fb.min_speech_duration)
         self.silence_timeout = seconds(fb.silence_timeout) if fb.enabled else None
         self.probable_silence = seconds(config.endpointing.probable_silence)
+        self.commit_silence = seconds(config.endpointing.commit_silence) if self.use_text else 0
         complete = config.endpointing.complete_silence
         self.complete_silence = seconds(complete) if complete is not None else None
         self.trigger = seconds(st.trigger_silence)
@@ -294,7 +297,8 @@ class TurnDetector:
             # tentatively (the commit needs the text to agree).
             wait, rule = self._wait(self._probability, judge_text("."), self.speech)
         if wait is not None and silence >= wait:
-            return [self._end(rule, tentative=verdict is None)]
+            # Before commit_silence the reply may not play yet: a tentative end.
+            return [self._end(rule, tentative=verdict is None or silence < self.commit_silence)]
         timeout = self._timeout
         if timeout is not None and silence >= timeout:
             return [self._end("silence_timeout", tentative=False)]
@@ -307,7 +311,7 @@ class TurnDetector:
         silence = self.pos - ended.speech_end
         if ended.verdict is not None:
             wait, _ = self._wait(ended.probability, ended.verdict, ended.speech)
-            if wait is not None and silence >= wait:
+            if wait is not None and silence >= max(wait, self.commit_silence):
                 return [self._commit("text")]
         timeout = self._timeout
         if timeout is not None and silence >= timeout:
