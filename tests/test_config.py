@@ -261,4 +261,4 @@ def test_a_context_too_small_for_the_reply_is_refused() -> None:
     with pytest.raises(ConfigError, match="n_ctx 512 leaves"):
         load_config(env={"VOICEBUS_LLM__LOCAL__N_CTX": "512"})
     with pytest.raises(ConfigError, match="trim_block must be"):
-        load_config(env={"VOICEBUS_CONTEXT_WINDOW__TRIM_BLOCK": "50"})
+        load_config(env={"VOICEBUS_CONTEXT_WINDOW__TRIM_BLOCK": "60"})

@@ -244,7 +244,7 @@ class SummarizationConfig(_Section):
     # and gives way when one starts: on a server that answers one request at a time
     # (the local llama.cpp) it would hold up the live turn. 0: summarize at once,
     # beside live turns (a server with parallel slots).
-    idle_s: NonNegativeFloat = 4.0
+    idle_s: NonNegativeFloat = 1.0
 
 
 class MemoryConfig(_Section):
@@ -272,8 +272,8 @@ class ContextWindowConfig(_Section):
     # for the estimate), or 4000 for an endpoint whose context voicebus cannot know.
     max_tokens: PositiveInt | None = None
     # At most this many messages since the summary; with summarization on, as many as
-    # it lets pile up (trigger_at), so a summary is the only cut on most days.
-    keep_recent_messages: PositiveInt = 40
+    # memory keeps (a summary starts at trigger_at), so a summary is the usual cut.
+    keep_recent_messages: PositiveInt = 50
     # The oldest history is dropped this many messages at a time, not two per turn:
     # between drops each prompt extends the previous one, so a server with a prefix
     # cache (llama.cpp, vLLM) evaluates only the new messages.

@@ -40,14 +40,15 @@ log = logging.getLogger(__name__)
 LOCK_TTL_S = 300  # longer than any summary takes; expires if the holder dies
 MAX_IDLE_WAIT_S = 600.0  # no quiet moment in this long: give up until a later reply
 YIELD_POLL_S = 0.2  # how often a running summary checks for a live turn
+URGENT_SLACK = 4  # messages short of memory.max_messages_per_user: no more giving way
 T = TypeVar("T")
-SUMMARY_MAX_TOKENS = 200
+SUMMARY_MAX_TOKENS = 160  # ~80 words; each token is ~50 ms of a 2-core CPU
 # Asked at the end of the conversation itself (`ConversationMemory.summary_prompt`), not
 # in a request of its own: a prefix-caching server then evaluates only these words.
 INSTRUCTIONS = (
     "(Not for the user: you keep the memory of this voice assistant.) Write the summary "
     "of the whole conversation so far, the earlier summary included: one short paragraph "
-    "of at most 120 words. Keep every fact about the user (name, preferences, plans, what "
+    "of at most 80 words. Keep every fact about the user (name, preferences, plans, what "
     "they asked for) and anything still unresolved. Write plain sentences. Reply with the "
     "summary only."
 )
@@ -88,14 +89,22 @@ class Summarizer:
         try:
             if not (full or await self.memory.needs_summary(user_id)):
                 return False
-            if not await self._quiet():
+            # So close to the cap that the oldest messages would go unsummarized: now,
+            # even if a live turn has to wait (a summary that kept giving way).
+            urgent = (await self.memory.length(user_id)
+                      >= self.memory.cfg.max_messages_per_user - URGENT_SLACK)
+            if not urgent and not await self._quiet():
                 return False
             lock = self.memory.keys.user_summarizing(user_id)
             token = secrets.token_hex(8)
             if not await self.memory.redis.set(lock, token, nx=True, ex=LOCK_TTL_S):
                 return False  # another worker is on it
             try:
-                done = await self._giving_way(self._summarize(user_id), False)
+                if urgent:
+                    log.info("the history is near its cap: summarizing without giving way")
+                    done = await self._summarize(user_id)
+                else:
+                    done = await self._giving_way(self._summarize(user_id), False)
             finally:
                 await self._unlock(keys=[lock], args=[token])
             if done and self.next_prompt is not None:
