@@ -95,6 +95,23 @@ def test_the_samples_are_transcribed(at_16k: dict[str, AsrResult]) -> None:
     assert {"young", "man"} <= set(words(at_16k["librivox_sense_sensibility_0880.wav"].text))
 
 
+def test_a_fitted_encoder_window_gives_the_same_words_on_the_samples(
+        tiny: FasterWhisperRecognizer, at_16k: dict[str, AsrResult]) -> None:
+    from dataclasses import replace
+
+    from workers.backends.asr import MAX_COMPRESSION, compression_ratio
+
+    fitted = FasterWhisperRecognizer(resolve_model("tiny.en").path, device="cpu",
+                                     compute_type="int8", cpu_threads=2)
+    fitted.options = replace(fitted.options, encoder_window_s=15)
+    for name in manifest():
+        result = fitted.transcribe(read_pcm(name), 16000)
+        assert words(result.text) == words(at_16k[name].text), name
+    # A decode that loops on itself is what sends it back to the full window.
+    assert compression_ratio("go forward " * 20) > MAX_COMPRESSION > compression_ratio(
+        "Go forward ten meters.")
+
+
 @pytest.mark.parametrize("rate", [8000, 44100])
 def test_other_sample_rates_give_the_same_words(
         tiny: FasterWhisperRecognizer, at_16k: dict[str, AsrResult], rate: int) -> None:

@@ -25,6 +25,7 @@ import math
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000  # what Whisper models take
 MIN_RATE, MAX_RATE = 1_000, 384_000
+# Whisper's own test for a repeating decode (faster-whisper's compression_ratio_threshold).
+MAX_COMPRESSION = 2.4
 MAX_SECONDS = 300.0  # bounds the CPU one utterance may cost (the bus caps events at ~98 s)
 
 Audio = np.ndarray[Any, np.dtype[Any]] | bytes | bytearray | memoryview
@@ -74,6 +77,12 @@ class Recognizer(Protocol):
 
 
 # -- input ----------------------------------------------------------------------
+def compression_ratio(text: str) -> float:
+    """How well ``text`` compresses: a decode that loops on itself compresses well."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
+
+
 def prepare_audio(audio: Audio, sample_rate: int) -> tuple[Float32Array, int]:
     """Validate ``audio`` and return it as contiguous float32 mono at 16 kHz in [-1, 1],
     with the number of non-finite samples that were replaced by silence."""
@@ -134,6 +143,13 @@ class DecodeOptions:
     temperatures: tuple[float, ...] = (0.0,)  # no sampling fallback: bounded latency
     # Caps a runaway (repeating) decode: tokens allowed per second of audio, plus 20.
     max_tokens_per_s: float | None = 10.0
+    # Whisper pads every input to 30 s, and the encoder's cost follows the padded
+    # length. An utterance this much shorter than ``encoder_window_s`` is encoded in a
+    # window of that many seconds instead (CTranslate2 takes shorter inputs); when the
+    # result looks broken (repeats itself, runs to the token cap) the full window is
+    # used after all. None: always 30 s.
+    encoder_window_s: int | None = None
+    window_margin_s: float = 1.0
 
 
 class FasterWhisperRecognizer:
@@ -152,6 +168,7 @@ class FasterWhisperRecognizer:
                  model_dir, device, compute_type, cpu_threads or "auto")
         self.model = WhisperModel(str(model_dir), device=device, compute_type=compute_type,
                                   cpu_threads=cpu_threads, local_files_only=True)
+        self._tokenizer: Any = None  # for decoding in a fitted window, made on first use
         self.load_s = time.perf_counter() - started
         self.multilingual = bool(self.model.model.is_multilingual)
         log.info("loaded ASR model %s in %.2f s", self.label, self.load_s)
@@ -162,11 +179,51 @@ class FasterWhisperRecognizer:
         duration = samples.size / SAMPLE_RATE
         if cleaned:
             log.warning("replaced %d non-finite samples with silence", cleaned)
+        window = self.options.encoder_window_s
+        if window is not None and duration <= window - self.options.window_margin_s:
+            text = self._in_window(samples, window)
+            if text is not None:
+                return AsrResult(text=text, language="en" if not self.multilingual else
+                                 (self.options.language or ""), duration_s=duration,
+                                 elapsed_s=time.perf_counter() - started, device=self.device,
+                                 cleaned_samples=cleaned)
         segments, info = self.model.transcribe(samples, **self.decode_kwargs(duration))
         text = " ".join(s.text.strip() for s in segments).strip()  # decoding happens here
         return AsrResult(text=text, language=info.language, duration_s=duration,
                          elapsed_s=time.perf_counter() - started, device=self.device,
                          cleaned_samples=cleaned)
+
+    def _in_window(self, samples: Float32Array, window_s: int) -> str | None:
+        """One greedy decode of ``samples`` encoded in a ``window_s`` window; None when
+        the result looks broken (the caller then uses the full window)."""
+        import ctranslate2
+        from faster_whisper.tokenizer import Tokenizer
+
+        if self.multilingual and self.options.language is None:
+            return None  # language detection wants the model's own path
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual,
+                                        task="transcribe", language=self.options.language)
+        tokenizer = self._tokenizer
+        extractor = self.model.feature_extractor
+        frames = window_s * SAMPLE_RATE // extractor.hop_length
+        padded = np.zeros(window_s * SAMPLE_RATE, dtype=np.float32)
+        padded[:samples.size] = samples
+        features = extractor(padded)[:, :frames]  # log-mel of the audio and silence after it
+        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+        duration = samples.size / SAMPLE_RATE
+        cap = math.ceil(20 + (self.options.max_tokens_per_s or 10.0) * duration)
+        result = self.model.model.generate(
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(features[np.newaxis])),
+            [prompt], beam_size=self.options.beam_size, max_length=len(prompt) + cap,
+            suppress_blank=True, suppress_tokens=[-1])[0]
+        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+        text = str(tokenizer.decode(tokens)).strip()
+        if len(tokens) >= cap or (text and compression_ratio(text) > MAX_COMPRESSION):
+            log.info("a %.1f s utterance decoded badly in a %d s window; using 30 s",
+                     duration, window_s)
+            return None
+        return text
 
     def decode_kwargs(self, duration_s: float) -> dict[str, Any]:
         o = self.options
@@ -245,7 +302,8 @@ def load_recognizer(config: AsrConfig) -> Recognizer:
     """The configured recognizer, loaded (model resolved, weights in memory)."""
     resolved = resolve_model(config.model, allow_download=config.allow_download)
     log.info("ASR model %r: %s", config.model, resolved.source)
-    options = DecodeOptions(beam_size=config.beam_size, language=config.language)
+    options = DecodeOptions(beam_size=config.beam_size, language=config.language,
+                            encoder_window_s=config.encoder_window_s)
 
     def on(device: str, compute_type: str) -> FasterWhisperRecognizer:
         return FasterWhisperRecognizer(resolved.path, device=device, compute_type=compute_type,
