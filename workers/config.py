@@ -199,7 +199,7 @@ class LlmConfig(_Section):
     timeout: PositiveFloat = 10.0
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
     max_tokens: PositiveInt = 256
-    chunking: Literal["sentence", "word"] = "sentence"
+    chunking: Literal["sentence", "word"] = "word"  # word: the first chunk after 3-5 words
     word_chunk_min: PositiveInt = 3
     word_chunk_max: PositiveInt = 5
     system_prompt: str = (
