@@ -6,8 +6,9 @@
   transcripts are ignored. A failed or empty transcript -> ``SAY_AGAIN``.
 * **Memory** (``workers.memory``, per user: the transcript's ``user_id``, which the
   gateway took from the device's token; a session without one is its own user):
-  the prompt is the system prompt, the summary of older turns and the recent
-  messages within ``context_window.max_tokens``, then the user's words. The user's
+  the prompt is the system prompt, the summary of older turns and a window of the
+  recent messages within ``Config.prompt_budget`` (one that keeps the server's prefix
+  cache: ``workers.prompt_window``), then the user's words. The user's
   words are stored before the model is asked; the reply is stored when it ends, as
   what was *spoken*: a cancelled turn stores only the chunks already sent, marked
   interrupted (the gateway narrows that to what was played, via

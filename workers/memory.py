@@ -6,9 +6,13 @@ Redis Cluster slot (the Lua script below touches both):
 * ``{prefix}:user:{user_id}:messages`` - a list of JSON records, oldest first,
   capped at ``memory.max_messages_per_user``;
 * ``{prefix}:user:{user_id}:summary`` - the summary of everything already
-  folded out of the list (a plain string).
+  folded out of the list (a plain string);
+* ``{prefix}:user:{user_id}:window`` - where the last prompt's window of the list
+  began and what that prompt held (``workers.prompt_window``), so the next prompt
+  extends it.
 
-Both expire ``memory.message_ttl`` seconds after the user's last message.
+They expire ``memory.message_ttl`` seconds after the user's last message (the
+window when it was last written).
 
 Summarization is off the critical path: the LLM stage checks `needs_summary`,
 asks the LLM to summarise `to_summarize`, then calls `replace_with_summary` with
