@@ -1,7 +1,7 @@
 """Per-user conversation memory in Redis: recent messages, a rolling summary, prompts.
 
-Two keys per user, both carrying the ``{user_id}`` hash tag so they live in one
-Redis Cluster slot (the Lua script below touches both):
+Keys per user, all carrying the ``{user_id}`` hash tag so they live in one Redis
+Cluster slot (the Lua scripts below touch the first two together):
 
 * ``{prefix}:user:{user_id}:messages`` - a list of JSON records, oldest first,
   capped at ``memory.max_messages_per_user``;
