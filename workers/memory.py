@@ -442,7 +442,6 @@ class ConversationMemory:
             ex=self.cfg.message_ttl)
         return Prompt(messages, prompt_tokens(messages), reused)
 
-
     async def summary_prompt(self, user_id: str, system_prompt: str,
                              instructions: str) -> list[dict[str, str]]:
         """The conversation as the user's prompts show it — system prompt, summary, the
