@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.pipeline_latency import proc_cpu_s  # noqa: E402
 from bench.speech_corpus import Turn, export, load_corpus  # noqa: E402
 from edge.auth import mint  # noqa: E402
 from edge.client import TurnResult, talk_wavs  # noqa: E402
@@ -56,7 +57,6 @@ STAGES = ("turn_detect", "turn_commit", "asr", "llm_ttft", "llm_first_text", "tt
 MIX = {"single": 0.6, "joined": 0.2, "short": 0.2}
 MAX_TURN_S = 9.0  # longer recordings are rare in conversation; they only slow the run
 ANSWER_TIMEOUT_S = 90.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def pick(turns: list[Turn], n: int, seed: int) -> list[Turn]:
@@ -71,15 +71,6 @@ def pick(turns: list[Turn], n: int, seed: int) -> list[Turn]:
     others = [t for t in chosen if t.type != "single"]
     chosen = others + singles[: max(0, n - len(others))]
     return [chosen[i] for i in rng.permutation(len(chosen))]
-
-
-def proc_cpu_s(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def llm_spans(path: Path) -> dict[str, dict[str, Any]]:
