@@ -73,19 +73,25 @@ def pick(turns: list[Turn], n: int, seed: int) -> list[Turn]:
     return [chosen[i] for i in rng.permutation(len(chosen))]
 
 
-def llm_spans(path: Path) -> dict[str, dict[str, Any]]:
-    """The LLM stage's span attributes by trace id (one trace per turn)."""
-    out: dict[str, dict[str, Any]] = {}
+def llm_spans(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The LLM stage's span attributes by trace id (one trace per turn), in the order
+    they ended: a turn the user continued has one request per fragment, the answer last."""
+    out: dict[str, list[dict[str, Any]]] = {}
     if not path.is_file():
         return out
     for span in read_spans(path):
         if semconv.LLM_TTFT_MS in span.attributes or semconv.LLM_PROMPT_TOKENS in span.attributes:
-            out[span.trace_id] = span.attributes
+            out.setdefault(span.trace_id, []).append(span.attributes)
     return out
 
 
-def row(i: int, turn: Turn, result: TurnResult, llm: dict[str, Any]) -> dict[str, Any]:
+def row(i: int, turn: Turn, result: TurnResult,
+        requests: list[dict[str, Any]]) -> dict[str, Any]:
     lat = result.latency_ms
+    # The answer is the last request; earlier ones were replies prepared for a fragment
+    # (a tentative or preemptive end) that the user went on from: what preemption costs.
+    llm = requests[-1] if requests else {}
+    wasted = requests[:-1]
     prompt = llm.get(semconv.LLM_PROMPT_TOKENS)
     reused = llm.get(semconv.LLM_PROMPT_REUSED_TOKENS)
     return {
@@ -99,6 +105,11 @@ def row(i: int, turn: Turn, result: TurnResult, llm: dict[str, Any]) -> dict[str
         "new_prompt_tokens": None if prompt is None or reused is None else prompt - reused,
         "tokens_per_s": llm.get(semconv.LLM_TOKENS_PER_S),
         "output_tokens": llm.get(semconv.GEN_AI_OUTPUT_TOKENS),
+        "dropped_requests": len(wasted),
+        "dropped_output_tokens": sum(r.get(semconv.GEN_AI_OUTPUT_TOKENS) or 0 for r in wasted),
+        "dropped_prompt_tokens": sum((r.get(semconv.LLM_PROMPT_TOKENS) or 0)
+                                     - (r.get(semconv.LLM_PROMPT_REUSED_TOKENS) or 0)
+                                     for r in wasted),
     }
 
 
@@ -119,6 +130,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                       "new_prompt_tokens", "tokens_per_s")}
         kept = [r["prefix_kept"] for r in group if r["prefix_kept"] is not None]
         out[name]["prefix_kept"] = f"{sum(kept)}/{len(kept)}"
+        turns = max(1, len(group))
+        out[name]["dropped_requests_per_turn"] = round(
+            sum(r["dropped_requests"] for r in group) / turns, 2)
+        out[name]["dropped_output_tokens_per_turn"] = round(
+            sum(r["dropped_output_tokens"] for r in group) / turns, 1)
     first, last = out["first_10"]["e2e_ms"]["p50"], out["last_10"]["e2e_ms"]["p50"]
     out["last_vs_first_p50"] = round(last / first, 2) if first and last else None
     return out
@@ -143,6 +159,9 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         print(f"{key:<22}" + "".join(f"{f(c['p50']) + ' / ' + f(c['p95']):>16}" for c in groups))
     print(f"{'prefix kept':<22}" + "".join(f"{summary[g]['prefix_kept']:>16}"
                                           for g in ("all", "first_10", "last_10")))
+    for key in ("dropped_requests_per_turn", "dropped_output_tokens_per_turn"):
+        print(f"{key:<22}" + "".join(f"{summary[g][key]:>16}"
+                                      for g in ("all", "first_10", "last_10")))
     print(f"\nlast 10 / first 10 e2e p50: {summary['last_vs_first_p50']}")
 
 
@@ -203,7 +222,7 @@ def main() -> int:
 
     taken = [r for r in results if not r.continued]  # a continued fragment is not a turn
     llm = llm_spans(spans_path)
-    rows = [row(i, turn, result, llm.get(result.trace_id, {}))
+    rows = [row(i, turn, result, llm.get(result.trace_id, []))
             for i, (turn, result) in enumerate(zip(turns, taken, strict=False))]
     args.out.with_suffix(".rows.json").write_text(json.dumps(rows, indent=1))  # come what may
     summary = summarize(rows)

@@ -111,6 +111,12 @@ class EndpointingConfig(_Section):
     # s of silence that ends a turn whose transcript reads complete while Smart Turn is
     # unsure (below threshold); None: only the silence timeout ends it.
     complete_silence: PositiveFloat | None = None
+    # s of silence after which a pause that only the silence timeout would end ends
+    # *tentatively* once the transcript is in and does not say "goes on": ASR's final
+    # transcript and the reply are under way while the timeout runs, the commit lets it
+    # play. Speech before the commit continues the turn (the reply is dropped unheard).
+    # None: such turns start only at the silence timeout. With ``text`` only.
+    preempt_silence: PositiveFloat | None = 0.5
 
 
 class ContinuationConfig(_Section):

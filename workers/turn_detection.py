@@ -44,6 +44,12 @@ Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
   ``commit_silence`` (0.7 s): the reply is not ready sooner anyway (ASR, then the
   LLM), and a pause shorter than that is often the user drawing breath.
 
+* **Preemptive ends.** A pause that the table leaves to the silence timeout (Smart
+  Turn unsure) still ends tentatively after ``preempt_silence`` once the transcript
+  is in and does not say "goes on" (rule ``preemptive``): the reply is prepared
+  while the timeout runs and plays at the commit, instead of starting then. It costs
+  an LLM request each time the user goes on instead (the turn is continued).
+
 * **Continuation**: after a turn ended, its audio is kept. If the user speaks
   again before they heard any of the reply, the caller calls ``continue_turn()``
   right after the ``SpeechStart``: the new speech joins the ended turn, and the
@@ -164,6 +170,8 @@ class TurnDetector:
         self.commit_silence = seconds(config.endpointing.commit_silence) if self.use_text else 0
         complete = config.endpointing.complete_silence
         self.complete_silence = seconds(complete) if complete is not None else None
+        preempt = config.endpointing.preempt_silence
+        self.preempt_silence = seconds(preempt) if preempt is not None and self.use_text else None
         self.trigger = seconds(st.trigger_silence)
         self.max_turn = seconds(fb.max_turn_duration)
         self.max_model_audio = seconds(st.max_audio)
@@ -302,6 +310,12 @@ class TurnDetector:
         timeout = self._timeout
         if timeout is not None and silence >= timeout:
             return [self._end("silence_timeout", tentative=False)]
+        if wait is None and self.preempt_silence is not None \
+                and silence >= self.preempt_silence \
+                and verdict is not None and verdict.verdict != "incomplete":
+            # Left to the timeout, but nothing says the user goes on: prepare the reply
+            # now (it waits for the commit, which comes by the rules above).
+            return [self._end("preemptive", tentative=True)]
         return []
 
     def _check_commit(self) -> list[Action]:
