@@ -433,6 +433,7 @@ def metrics(runs: list[Run], cfg: Config, mode: str) -> dict[str, Any]:
     missed: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     delays: dict[str, list[float]] = defaultdict(list)
     tentative_delays: list[float] = []
+    started: list[float] = []  # the turn's end decided, tentative or not: the pipeline starts
     walls_st: dict[str, list[float]] = defaultdict(list)
     walls_all: dict[str, list[float]] = defaultdict(list)
     end_rules: Counter[str] = Counter()
@@ -479,6 +480,7 @@ def metrics(runs: list[Run], cfg: Config, mode: str) -> dict[str, Any]:
             delay = (end["committed_s"] - t.speech_end_s) * 1000
             w_st, w_all = wall_wait_ms(run, end, text_wait, mode)
             end_rules[end["rule"]] += 1
+            started.append((end["decided_s"] - t.speech_end_s) * 1000)
             if end["tentative"]:
                 commit_rules[str(end["commit_rule"])] += 1
                 tentative_delays.append((end["decided_s"] - t.speech_end_s) * 1000)
@@ -508,6 +510,9 @@ def metrics(runs: list[Run], cfg: Config, mode: str) -> dict[str, Any]:
         "end_rules": dict(end_rules), "commit_rules": dict(commit_rules),
         "delay_ms": {k: dist(v) for k, v in sorted(delays.items())},
         "tentative_delay_ms": dist(tentative_delays),
+        "started_delay_ms": dist(started),
+        # Replies prepared for an end the user went on from (tentative, never committed).
+        "dropped_preparations_per_turn": round(tentative_continued / max(1, len(runs)), 2),
         "wall_delay_smart_turn_ms": {k: dist(v) for k, v in sorted(walls_st.items())},
         "wall_delay_smart_turn_asr_ms": {k: dist(v) for k, v in sorted(walls_all.items())},
         "smart_turn_ms": dist(st_ms), "asr_ms": dist(asr_all), "asr_ms_measured_now":
@@ -559,6 +564,7 @@ def table(results: dict[str, dict[str, Any]], kinds: list[str], types: list[str]
     row("  any end in pause (+tentative)",
         lambda m: _fmt_ratio(m["ends_in_pauses_incl_tentative"].get("all")))
     row("  tentative ends continued", lambda m: str(m["tentative_ends_continued"]))
+    row("  ... per turn (replies dropped)", lambda m: str(m["dropped_preparations_per_turn"]))
     section("turns with >= 1 false cut / turns")
     row("  all", lambda m: _fmt_ratio(m["turns_with_false_cut"].get("all")))
     for t in types:
@@ -567,7 +573,7 @@ def table(results: dict[str, dict[str, Any]], kinds: list[str], types: list[str]
     row("  all", lambda m: _fmt_ratio(m["missed_ends"].get("all")))
     for t in types:
         row(f"  {t}", lambda m, t=t: _fmt_ratio(m["missed_ends"].get(f"type:{t}")))
-    section("delay after the true end, ms p50/p90/p95")
+    section("delay after the true end (audio: when committed), ms p50/p90/p95")
     row("  audio, all", lambda m: _fmt_dist(m["delay_ms"].get("all")))
     rules = sorted({k for m in results.values() for k in m["delay_ms"] if k.startswith("rule:")})
     for r in rules:
@@ -575,6 +581,7 @@ def table(results: dict[str, dict[str, Any]], kinds: list[str], types: list[str]
     for t in types:
         row(f"  audio, {t}", lambda m, t=t: _fmt_dist(m["delay_ms"].get(f"type:{t}")))
     row("  tentative end (before commit)", lambda m: _fmt_dist(m["tentative_delay_ms"]))
+    row("  pipeline starts (any end)", lambda m: _fmt_dist(m.get("started_delay_ms")))
     row("  wall est. + Smart Turn", lambda m: _fmt_dist(m["wall_delay_smart_turn_ms"].get("all")))
     row("  wall est. + ST & ASR", lambda m: _fmt_dist(m["wall_delay_smart_turn_asr_ms"]
                                                       .get("all")))
