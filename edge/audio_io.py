@@ -64,19 +64,26 @@ class Microphone(Protocol):
 
 
 def read_wav(path: Path) -> tuple[int, bytes]:
-    """A WAV file's sample rate and its audio as PCM16 mono (channels averaged)."""
+    """An audio file's sample rate and its audio as PCM16 mono (channels averaged).
+
+    libsndfile (``soundfile``) reads what people have: PCM of 8 to 32 bits, float,
+    WAVE_FORMAT_EXTENSIBLE headers, any rate and channel count (and FLAC, OGG, AIFF).
+    The gateway resamples, so the rate is sent as it is."""
+    import soundfile  # here: the module needs no libsndfile until a file is read
+
+    if not Path(path).is_file():
+        raise ClientError(f"cannot read {path}: no such file")
     try:
-        with wave.open(str(path), "rb") as f:
-            rate, channels, width = f.getframerate(), f.getnchannels(), f.getsampwidth()
-            data = f.readframes(f.getnframes())
-    except (OSError, EOFError, wave.Error) as exc:
-        raise ClientError(f"cannot read {path}: {exc}") from None
-    if width != 2:
-        raise ClientError(f"{path}: {8 * width}-bit samples; the client sends 16-bit PCM WAVs")
-    if channels > 1:
-        frames = np.frombuffer(data, dtype="<i2").reshape(-1, channels)
-        data = frames.mean(axis=1).round().astype("<i2").tobytes()
-    return rate, data
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
+        reason = str(exc).removeprefix(f"Error opening {str(path)!r}: ")
+        raise ClientError(f"cannot read {path}: not an audio file ({reason})") from None
+    if samples.shape[0] == 0:
+        raise ClientError(f"cannot read {path}: no audio in it")
+    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    # x 32768 undoes libsndfile's int16 -> float exactly; full-scale float clips.
+    pcm = np.clip((mono * 32768.0).round(), -32768, 32767).astype("<i2")
+    return int(rate), pcm.tobytes()
 
 
 def write_wav(path: Path, pcm: bytes, sample_rate: int) -> None:

@@ -9,6 +9,7 @@ import sys
 import wave
 from pathlib import Path
 
+import numpy as np
 import redis
 
 from schemas import TurnEnded, encode
@@ -70,19 +71,22 @@ def test_demo_runs_the_bus_end_to_end_on_a_machine_without_redis_url(tmp_path: P
 
 
 def test_demo_refuses_a_bad_wav_before_starting(tmp_path: Path) -> None:
+    import soundfile
+
     bad = tmp_path / "noise.wav"
     bad.write_bytes(b"RIFF not really")
-    stereo = tmp_path / "stereo.wav"
-    with wave.open(str(stereo), "wb") as w:
-        w.setnchannels(2)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(b"\0" * 6400)
-    for path, words in ((bad, "not a readable WAV"), (stereo, "2 channels"),
-                        (tmp_path / "missing.wav", "not a readable WAV")):
-        result = voicebus("demo", str(path))
-        assert result.returncode == 2
-        assert words in result.stderr and str(path) in result.stderr
+    # A 24-bit stereo WAV is read (the demo gets as far as comparing its rate).
+    stereo = tmp_path / "stereo24.wav"
+    soundfile.write(str(stereo), np.zeros((3200, 2)), 16000, subtype="PCM_24")
+    narrow = tmp_path / "narrow.wav"
+    soundfile.write(str(narrow), np.zeros(800), 8000, subtype="PCM_16")
+    for paths, words in (([bad], f"{bad}: not an audio file"),
+                         ([tmp_path / "missing.wav"], "missing.wav: no such file"),
+                         ([stereo, narrow], "one sample rate (got [8000, 16000] Hz)")):
+        result = voicebus("demo", *map(str, paths))
+        assert result.returncode == 2, result.stderr
+        assert words in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_bad_config_value_stops_with_its_name() -> None:

@@ -340,6 +340,53 @@ async def test_wavs_of_different_rates_are_refused_up_front(tmp_path: Path) -> N
     assert read_wav(b) == (8000, tone(0.1, 8000))
 
 
+@pytest.mark.parametrize(("subtype", "fmt", "channels", "rate", "tolerance"), [
+    ("PCM_U8", "WAV", 1, 8000, 256),  # 8-bit: one step is 256 of 16-bit
+    ("PCM_24", "WAV", 1, 16000, 1),
+    ("PCM_32", "WAV", 2, 44100, 1),  # stereo: channels averaged
+    ("FLOAT", "WAV", 1, 48000, 1),
+    ("DOUBLE", "WAV", 1, 22050, 1),
+    ("PCM_16", "WAVEX", 2, 16000, 1),  # WAVE_FORMAT_EXTENSIBLE (format tag 65534)
+])
+def test_wavs_as_people_have_them_are_read_as_pcm16_mono(
+        tmp_path: Path, subtype: str, fmt: str, channels: int, rate: int, tolerance: int) -> None:
+    import soundfile
+
+    expected = np.frombuffer(tone(0.2, rate), dtype="<i2")
+    left = expected.astype(np.float64) / 32768
+    # In stereo the second channel is the first at half level: the average (0.75 x)
+    # shows both were read.
+    data = left[:, None] if channels == 1 else np.stack([left, 0.5 * left], axis=1)
+    path = tmp_path / f"in-{subtype}.wav"
+    soundfile.write(str(path), data, rate, subtype=subtype, format=fmt)
+    if fmt == "WAVEX":
+        assert int.from_bytes(path.read_bytes()[20:22], "little") == 65534
+    got_rate, pcm = read_wav(path)
+    got = np.frombuffer(pcm, dtype="<i2").astype(np.int32)
+    want = expected.astype(np.int32) if channels == 1 else (expected * 0.75).round()
+    assert got_rate == rate and got.size == expected.size
+    assert np.max(np.abs(got - want)) <= tolerance
+
+
+def test_a_file_that_is_not_audio_is_refused_in_one_line(tmp_path: Path) -> None:
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio at all\n")
+    with pytest.raises(ClientError, match=r"notes.wav: not an audio file \(Format not recog"):
+        read_wav(text)
+    with pytest.raises(ClientError, match=r"missing\.wav: no such file"):
+        read_wav(tmp_path / "missing.wav")
+    empty = tmp_path / "empty.wav"
+    write_wav(empty, b"")
+    with pytest.raises(ClientError, match=r"empty\.wav: no audio in it"):
+        read_wav(empty)
+    result = voicebus("talk", "--url", "ws://127.0.0.1:1/v1/session", "--user", "a",
+                      "--wav", str(text),
+                      env={"VOICEBUS_GATEWAY__SECRET": "cli-secret-0123456789abcdef"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"voicebus talk: cannot read {text}: not an audio file (Format not recognised.)"]
+
+
 def test_the_virtual_speaker_plays_in_order_waits_when_dry_and_flushes() -> None:
     now = [0.0]  # times that are exact in binary: no rounding in the expected counts
     speaker = VirtualSpeaker(clock=lambda: now[0])

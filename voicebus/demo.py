@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
-import wave
 from pathlib import Path
 from typing import Any
 
+from edge import audio_io
 from edge.auth import load_secret, mint
 from edge.client import TurnResult, talk_wavs
+from edge.errors import ClientError
 from workers.config import Config
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -37,15 +38,13 @@ def default_wavs() -> list[Path]:
 
 
 def read_wav(path: Path) -> tuple[bytes, int]:
-    """PCM16 mono audio and its rate, or a DemoError saying what is wrong with the file."""
+    """PCM16 mono audio and its rate, or a DemoError saying what is wrong with the file
+    (any WAV people have: ``edge.audio_io.read_wav``)."""
     try:
-        with wave.open(str(path), "rb") as w:
-            if w.getsampwidth() != 2 or w.getnchannels() != 1:
-                raise DemoError(f"{path}: need 16-bit mono PCM, got {w.getsampwidth() * 8}-bit "
-                                f"with {w.getnchannels()} channels")
-            return w.readframes(w.getnframes()), w.getframerate()
-    except (OSError, wave.Error, EOFError) as exc:
-        raise DemoError(f"{path}: not a readable WAV file ({exc})") from None
+        rate, pcm = audio_io.read_wav(path)
+    except ClientError as exc:
+        raise DemoError(str(exc)) from None
+    return pcm, rate
 
 
 def answered(turn: TurnResult) -> bool:
