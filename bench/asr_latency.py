@@ -228,9 +228,9 @@ def measure_speculative(leads_ms: list[int], runs: int) -> dict[str, Any]:
     import redis
 
     from schemas import TurnEnded, decode, encode
-    from workers.bus import FIELD
-    from workers.keys import Keys
-    from workers.redis_server import EmbeddedRedis
+    from voicebus.redis_server import EmbeddedRedis
+    from workers.runtime.bus import FIELD
+    from workers.runtime.keys import Keys
 
     samples = load_samples()
     name, _text, audio, _s, end = samples[0]

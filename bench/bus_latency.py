@@ -4,7 +4,7 @@
     python bench/bus_latency.py [--sessions 1 10 100] [--seconds 10]
                                 [--out bench/results/bus_latency.json]
 
-Starts a private redis-server (``workers.redis_server.EmbeddedRedis``) unless
+Starts a private redis-server (``voicebus.redis_server.EmbeddedRedis``) unless
 ``REDIS_URL`` is set (then a unique key prefix is used and its keys are deleted
 afterwards), and ONE worker process running the real runtime
 (``SessionWorker(SessionStage("vad", ...))``) with a handler that only records,
@@ -48,8 +48,8 @@ if str(ROOT) not in sys.path:  # runnable from anywhere, even without the editab
     sys.path.insert(0, str(ROOT))
 
 from schemas import AudioFrame, Event, SessionEnded, SessionStarted, encode  # noqa: E402
-from workers.bus import FIELD  # noqa: E402
-from workers.keys import Keys  # noqa: E402
+from workers.runtime.bus import FIELD  # noqa: E402
+from workers.runtime.keys import Keys  # noqa: E402
 
 STAGE = "vad"
 SAMPLE_RATE = 16_000
@@ -99,9 +99,9 @@ async def probe(worker: Any, rows: list[tuple[int, int, int, int]]) -> None:
 
 def run_worker(url: str, prefix: str, samples_path: str, pool_max: int | None,
                profile: str | None) -> None:
-    from workers.logs import setup_logging
+    from workers.observability.logs import setup_logging
     from workers.runtime import RuntimeSettings
-    from workers.sessions import SessionStage, SessionWorker
+    from workers.runtime.sessions import SessionStage, SessionWorker
 
     setup_logging("INFO", "text", component="bench-vad")
     samples: dict[str, list[tuple[int, int, int]]] = {}
@@ -486,7 +486,7 @@ def main() -> None:
         parser.error(f"--seconds must be more than the {WARMUP_S:g} s warm-up")
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    from workers.redis_server import EmbeddedRedis
+    from voicebus.redis_server import EmbeddedRedis
 
     busy0 = machine_cpu()
     time.sleep(1.0)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from schemas import AudioFrame, SessionEnded, SessionStarted  # noqa: E402
 from workers.backends.audio import MODEL_RATE, float_to_pcm16  # noqa: E402
-from workers.bus import Bus  # noqa: E402
+from workers.runtime.bus import Bus  # noqa: E402
 
 FRAME_MS = 32
 

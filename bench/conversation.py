@@ -47,9 +47,9 @@ from edge.auth import mint  # noqa: E402
 from edge.client import TurnResult, talk_wavs  # noqa: E402
 from edge.errors import ClientError  # noqa: E402
 from voicebus.traces import read_spans  # noqa: E402
-from workers import semconv  # noqa: E402
 from workers.config import load_config  # noqa: E402
-from workers.metrics import percentile  # noqa: E402
+from workers.observability import semconv  # noqa: E402
+from workers.observability.metrics import percentile  # noqa: E402
 
 E2E = "end_of_speech_to_first_audio"
 STAGES = ("turn_detect", "turn_commit", "asr", "llm_ttft", "llm_first_text", "tts_first_chunk")

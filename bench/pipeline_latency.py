@@ -68,18 +68,18 @@ from edge.auth import mint  # noqa: E402
 from edge.client import ClientError, talk_wavs  # noqa: E402
 from schemas import AudioFrame, Event, TurnEnded, decode  # noqa: E402
 from voicebus.demo import default_wavs, read_wav  # noqa: E402
+from voicebus.redis_server import EmbeddedRedis  # noqa: E402
 from workers.backends.asr import AsrResult, Recognizer, load_recognizer  # noqa: E402
 from workers.backends.audio import float_to_pcm16, pcm16_to_float, resample  # noqa: E402
 from workers.backends.llm import ChatMessage, OpenAIChat  # noqa: E402
 from workers.backends.tts import load_backend  # noqa: E402
-from workers.bus import FIELD, Bus, connect, read  # noqa: E402
-from workers.chunking import Chunker  # noqa: E402
 from workers.config import Config, load_config  # noqa: E402
-from workers.keys import Keys  # noqa: E402
 from workers.llm_worker import SAY_AGAIN  # noqa: E402
-from workers.redis_server import EmbeddedRedis  # noqa: E402
+from workers.runtime.bus import FIELD, Bus, connect, read  # noqa: E402
+from workers.runtime.keys import Keys  # noqa: E402
+from workers.text.chunking import Chunker  # noqa: E402
 from workers.tts_worker import ChunkMetrics, TtsStage  # noqa: E402
-from workers.turn_detection import (  # noqa: E402
+from workers.vad.turn_detection import (  # noqa: E402
     RATE,
     WINDOW,
     NeedsTurnCheck,

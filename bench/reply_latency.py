@@ -42,14 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from schemas import AudioChunk, TextChunk, Transcript, decode, encode  # noqa: E402
+from voicebus.local_llm import LocalLlmServer  # noqa: E402
+from voicebus.redis_server import EmbeddedRedis  # noqa: E402
 from workers.backends.llm import OpenAIChat  # noqa: E402
-from workers.backends.local_llm import LocalLlmServer  # noqa: E402
 from workers.backends.tts import TtsBackend, load_backend  # noqa: E402
-from workers.bus import FIELD  # noqa: E402
-from workers.chunking import Chunker  # noqa: E402
 from workers.config import LlmConfig, TtsConfig  # noqa: E402
-from workers.keys import Keys  # noqa: E402
-from workers.redis_server import EmbeddedRedis  # noqa: E402
+from workers.runtime.bus import FIELD  # noqa: E402
+from workers.runtime.keys import Keys  # noqa: E402
+from workers.text.chunking import Chunker  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",

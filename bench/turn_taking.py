@@ -6,7 +6,7 @@
                                 [--out bench/results/turn_taking.json]
 
 Every turn of the labelled corpus (``bench/speech_corpus.py``, built on first use) is
-fed, followed by its own quiet, to a fresh ``workers.turn_detection.TurnDetector``
+fed, followed by its own quiet, to a fresh ``workers.vad.turn_detection.TurnDetector``
 window by window (512 samples at 16 kHz), as ``workers/vad_worker.py`` does, with the
 real models: Silero, Smart Turn (``SmartTurnModel.probability`` on each
 ``NeedsTurnCheck``) and the ASR (``load_recognizer(Config().asr)`` on each speculative
@@ -48,8 +48,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.speech_corpus import CACHE, PAUSE_BINS, Pause, Turn, load_corpus  # noqa: E402
-from workers import turn_detection as td  # noqa: E402
 from workers.config import Config  # noqa: E402
+from workers.vad import turn_detection as td  # noqa: E402
 
 RATE = 16_000
 WINDOW = 512
@@ -196,7 +196,7 @@ class Models:
 
 
 class LearnedPauses:
-    """``workers.pauses.PauseProfile`` without Redis: one new user per turn."""
+    """``workers.vad.pauses.PauseProfile`` without Redis: one new user per turn."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = getattr(cfg.vad, "adaptive", None)
@@ -213,7 +213,7 @@ class LearnedPauses:
         self.average = x if self.average is None else \
             self.average + self.cfg.adjustment_rate * (x - self.average)
         try:
-            from workers.pauses import stretch
+            from workers.vad.pauses import stretch
         except ImportError:
             return float(min(self.cfg.max_stretch, max(1.0, self.cfg.margin * self.average
                                                        / self.timeout_s)))

@@ -32,14 +32,14 @@ sys.path.insert(0, str(ROOT))
 from bench.busmic import Microphone  # noqa: E402
 from schemas import TurnEnded, decode  # noqa: E402
 from voicebus.demo import default_wavs, read_wav  # noqa: E402
+from voicebus.redis_server import EmbeddedRedis  # noqa: E402
 from workers.backends.audio import pcm16_to_float, resample  # noqa: E402
 from workers.backends.silero import SileroModel  # noqa: E402
 from workers.backends.smart_turn import SmartTurnModel, log_mel  # noqa: E402
-from workers.bus import FIELD, Bus, connect, read  # noqa: E402
 from workers.config import Config  # noqa: E402
-from workers.keys import Keys  # noqa: E402
-from workers.redis_server import EmbeddedRedis  # noqa: E402
-from workers.turn_detection import TurnDetector  # noqa: E402
+from workers.runtime.bus import FIELD, Bus, connect, read  # noqa: E402
+from workers.runtime.keys import Keys  # noqa: E402
+from workers.vad.turn_detection import TurnDetector  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:

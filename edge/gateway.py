@@ -78,13 +78,13 @@ from schemas import (
     TurnEnded,
     decode,
 )
-from workers import metrics, semconv, telemetry
-from workers.bus import FIELD, Bus, connect, read
-from workers.cancel import CancelLane
 from workers.config import Config
-from workers.keys import Keys
-from workers.logs import log_context
-from workers.memory import ConversationMemory
+from workers.llm.memory import ConversationMemory
+from workers.observability import metrics, semconv, telemetry
+from workers.observability.logs import log_context
+from workers.runtime.bus import FIELD, Bus, connect, read
+from workers.runtime.cancel import CancelLane
+from workers.runtime.keys import Keys
 
 log = logging.getLogger("voicebus.gateway")
 

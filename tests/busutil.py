@@ -7,8 +7,8 @@ import asyncio
 import redis
 
 from schemas import Event, decode, encode
-from workers.bus import FIELD
-from workers.keys import Keys
+from workers.runtime.bus import FIELD
+from workers.runtime.keys import Keys
 
 
 def publish(r: redis.Redis, stream: str, event: Event) -> str:
@@ -32,8 +32,8 @@ def pending(r: redis.Redis, stream: str, group: str) -> list[dict]:  # type: ign
 
 def cancel_turn(url: str, keys: Keys, session_id: str, turn_id: str, reason: str = "") -> None:
     """Cancel a turn on the cancel lane, as the VAD or the gateway does on barge-in."""
-    from workers.bus import Bus, connect
-    from workers.cancel import CancelLane
+    from workers.runtime.bus import Bus, connect
+    from workers.runtime.cancel import CancelLane
 
     async def cancel() -> None:
         client = connect(url)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from workers.redis_server import EmbeddedRedis
+from voicebus.redis_server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 # Spans of every process the tests start go here, not into the user's ~/.cache.
@@ -58,7 +58,7 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def local_llm_url() -> Iterator[str]:
     """The real local LLM (llama.cpp serving the shipped Qwen2.5 GGUF), started once."""
-    from workers.backends.local_llm import LocalLlmServer
+    from voicebus.local_llm import LocalLlmServer
     from workers.config import LlmConfig
 
     with LocalLlmServer(LlmConfig()) as server:

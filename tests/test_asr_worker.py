@@ -26,7 +26,7 @@ from tests.busutil import cancel_turn, dead_letters, pending, publish, read_all
 from tests.conftest import ROOT, wait_for
 from tests.test_asr import MAX_WER, long_utterance, manifest, read_pcm, resampled, wer, words
 from workers.asr_worker import NOTHING_HEARD
-from workers.keys import Keys
+from workers.runtime.keys import Keys
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 

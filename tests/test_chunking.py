@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.chunking import Chunker, chunks, normalize, strip_markdown
+from workers.text.chunking import Chunker, chunks, normalize, strip_markdown
 
 MARKERS_AND_SPACE = re.compile(r"[\s*_`~#>+\-]")
 

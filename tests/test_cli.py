@@ -15,8 +15,8 @@ import redis
 from schemas import TurnEnded, encode
 from tests.busutil import publish
 from tests.conftest import ROOT
-from workers.bus import FIELD
-from workers.keys import Keys
+from workers.runtime.bus import FIELD
+from workers.runtime.keys import Keys
 
 
 def voicebus(*args: str, env: dict[str, str] | None = None,

@@ -8,8 +8,8 @@ import redis
 from schemas import TurnEnded
 from tests.busutil import publish, read_all
 from tests.conftest import ROOT, WorkerProcs, wait_for
-from workers.keys import Keys
-from workers.redis_server import EmbeddedRedis
+from voicebus.redis_server import EmbeddedRedis
+from workers.runtime.keys import Keys
 
 ACL = ROOT / "deploy" / "redis-users.acl"
 

@@ -31,12 +31,12 @@ from schemas import (
     decode,
     encode,
 )
-from workers.bus import FIELD, Bus
-from workers.cancel import CancelLane
+from voicebus.status import collect, render
 from workers.config import Config, GatewayConfig, RedisConfig
-from workers.keys import Keys
-from workers.memory import ConversationMemory
-from workers.status import collect, render
+from workers.llm.memory import ConversationMemory
+from workers.runtime.bus import FIELD, Bus
+from workers.runtime.cancel import CancelLane
+from workers.runtime.keys import Keys
 
 SECRET = "test-secret-0123456789abcdef"
 

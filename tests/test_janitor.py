@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from workers import janitor
+from workers.runtime import janitor
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import redis
 from schemas import DeadLetter, Transcript, TurnEnded, encode
 from tests.busutil import cancel_turn, dead_letters, pending, publish, read_all
 from tests.conftest import wait_for
-from workers.bus import FIELD
-from workers.keys import Keys
+from workers.runtime.bus import FIELD
+from workers.runtime.keys import Keys
 
 
 def turn(session: str, turn_id: str, rule: str = "", size: int = 320) -> TurnEnded:
@@ -218,7 +218,7 @@ def test_a_long_call_is_abandoned_as_soon_as_its_turn_is_cancelled(
 
 def test_worker_survives_a_redis_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import WorkerProcs
-    from workers.redis_server import EmbeddedRedis
+    from voicebus.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis()
     server.start()

@@ -17,9 +17,9 @@ from tests.busutil import cancel_turn, publish, read_all
 from tests.conftest import WorkerProcs, wait_for
 from tests.support.openai_server import Script, ScriptedOpenAI
 from workers.config import ContextWindowConfig, LlmConfig, MemoryConfig
-from workers.keys import Keys
-from workers.memory import INTERRUPTED_NOTE, ConversationMemory, Message, prompt_tokens
-from workers.summarizer import INSTRUCTIONS
+from workers.llm.memory import INTERRUPTED_NOTE, ConversationMemory, Message, prompt_tokens
+from workers.llm.summarizer import INSTRUCTIONS
+from workers.runtime.keys import Keys
 
 SYSTEM = LlmConfig().system_prompt
 

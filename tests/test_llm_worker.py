@@ -19,10 +19,10 @@ from tests.busutil import cancel_turn, pending, publish, read_all
 from tests.conftest import WorkerProcs, wait_for
 from tests.support.openai_server import Script, ScriptedOpenAI
 from workers.backends.llm import EchoLlm, LlmError, LlmTimeout, OpenAIChat
-from workers.chunking import chunks as chunk_text
 from workers.config import LlmConfig
-from workers.keys import Keys
 from workers.llm_worker import SAY_AGAIN
+from workers.runtime.keys import Keys
+from workers.text.chunking import chunks as chunk_text
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 TIMEOUT = 1.0

@@ -15,7 +15,7 @@ import redis
 from schemas import TextChunk, Transcript
 from tests.busutil import publish, read_all
 from tests.conftest import WorkerProcs, wait_for
-from workers.backends.local_llm import (
+from voicebus.local_llm import (
     GGUF_NAME,
     GGUF_PARTS,
     GGUF_SHA256,
@@ -24,7 +24,7 @@ from workers.backends.local_llm import (
 )
 from workers.backends.model_files import ModelIntegrityError, assemble, packaged_path
 from workers.config import LlmConfig, LocalLlmConfig
-from workers.keys import Keys
+from workers.runtime.keys import Keys
 
 # The real model on a busy 2-core box can take >10 s to its first token; these tests
 # check what it says, not how fast (that is the benchmarks' job).
@@ -129,9 +129,9 @@ def test_the_longest_prompt_and_reply_fit_the_servers_context(
     llama_cpp = pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from workers.bus import connect
     from workers.config import Config
-    from workers.memory import ConversationMemory
+    from workers.llm.memory import ConversationMemory
+    from workers.runtime.bus import connect
 
     config = Config()
     model = llama_cpp.Llama(str(gguf_path(config.llm)), vocab_only=True, verbose=False)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.logs import log_context, session_id, setup_logging, turn_id
+from workers.observability.logs import log_context, session_id, setup_logging, turn_id
 
 TEXT_LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (?P<level>[A-Z]+) +(?P<component>\S+) "

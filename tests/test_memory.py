@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from workers.bus import connect
 from workers.config import ContextWindowConfig, MemoryConfig
-from workers.memory import (
+from workers.llm.memory import (
     INTERRUPTED_NOTE,
     MAX_CONTENT_BYTES,
     SUMMARY_PREFIX,
     ConversationMemory,
     prompt_tokens,
 )
+from workers.runtime.bus import connect
 
 SYSTEM = "You are a helpful voice assistant."
 

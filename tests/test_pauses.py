@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from workers.bus import connect
 from workers.config import AdaptiveConfig
-from workers.keys import Keys
-from workers.pauses import PauseProfile, stretch
+from workers.runtime.bus import connect
+from workers.runtime.keys import Keys
+from workers.vad.pauses import PauseProfile, stretch
 
 
 def test_the_stretch_rule_and_its_bounds() -> None:

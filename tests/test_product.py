@@ -21,7 +21,7 @@ from voicebus.supervisor import Supervisor
 from workers.backends.audio import float_to_pcm16, resample
 from workers.backends.tts import load_backend
 from workers.config import LlmConfig, TtsConfig
-from workers.memory import ConversationMemory
+from workers.llm.memory import ConversationMemory
 
 SECRET = "product-test-secret-0123456789"
 pytestmark = pytest.mark.timeout(300)

@@ -1,10 +1,10 @@
-"""The prompt window (workers.prompt_window): pure, no Redis."""
+"""The prompt window (workers.llm.prompt_window): pure, no Redis."""
 
 from __future__ import annotations
 
 import itertools
 
-from workers.prompt_window import Candidate, choose_start, digests, shared_prefix
+from workers.llm.prompt_window import Candidate, choose_start, digests, shared_prefix
 
 
 def history(n: int, tokens: int = 10) -> list[Candidate]:

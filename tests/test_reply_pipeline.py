@@ -16,7 +16,7 @@ from tests.transcripts import wer
 from workers.backends.asr import FasterWhisperRecognizer
 from workers.backends.model_files import resolve_model
 from workers.config import LlmConfig
-from workers.keys import Keys
+from workers.runtime.keys import Keys
 
 # The real model on a busy 2-core box can take >10 s to its first token; these tests
 # check what it says, not how fast (that is the benchmarks' job).

@@ -10,8 +10,8 @@ import redis
 from schemas import AudioChunk, AudioFrame, SessionEnded, SessionStarted, encode
 from tests.busutil import pending, publish, read_all
 from tests.conftest import wait_for
-from workers.bus import FIELD
-from workers.keys import Keys
+from workers.runtime.bus import FIELD
+from workers.runtime.keys import Keys
 
 
 def frame(sid: str, seq: int) -> AudioFrame:

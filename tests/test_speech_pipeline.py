@@ -12,7 +12,7 @@ from tests.busutil import read_all
 from tests.conftest import wait_for
 from tests.test_vad_worker import stream_session
 from tests.transcripts import wer
-from workers.keys import Keys
+from workers.runtime.keys import Keys
 
 N_SESSIONS = int(__import__("os").environ.get("TEST_SESSIONS", "20"))
 WORDS = {GO_FORWARD: "go forward ten meters",

@@ -32,9 +32,9 @@ from tests.conftest import ROOT, WorkerProcs, wait_for
 from tests.support.openai_server import Script, ScriptedOpenAI
 from voicebus.supervisor import Supervisor
 from voicebus.traces import SpanRecord, read_spans, render, turns
-from workers import semconv
 from workers.backends.audio import float_to_pcm16
-from workers.keys import Keys
+from workers.observability import semconv
+from workers.runtime.keys import Keys
 
 SECRET = "tracing-test-secret-0123456789"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

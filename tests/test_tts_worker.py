@@ -21,7 +21,7 @@ from tests.transcripts import wer
 from workers.backends.asr import FasterWhisperRecognizer
 from workers.backends.audio import level_db, pcm16_to_float
 from workers.backends.model_files import resolve_model
-from workers.keys import Keys
+from workers.runtime.keys import Keys
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 RATE = 24_000

@@ -24,7 +24,7 @@ from tests.audio import (
 from workers.backends.silero import SileroModel
 from workers.backends.smart_turn import SmartTurnModel
 from workers.config import Config, VadConfig
-from workers.turn_detection import (
+from workers.vad.turn_detection import (
     Blip,
     Commit,
     NeedsTurnCheck,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.turn_text import judge_text
+from workers.vad.turn_text import judge_text
 
 
 @pytest.mark.parametrize("text, verdict", [

@@ -22,8 +22,8 @@ from tests.audio import ARCTIC, GO_FORWARD, RATE, join, pcm, silence, speech
 from tests.busutil import dead_letters, publish, read_all
 from tests.conftest import wait_for
 from workers.backends.audio import resample
-from workers.bus import FIELD
-from workers.keys import Keys
+from workers.runtime.bus import FIELD
+from workers.runtime.keys import Keys
 
 
 def stream_session(r: redis.Redis, keys: Keys, sid: str, audio: np.ndarray, rate: int = RATE,

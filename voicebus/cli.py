@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from workers.backends.local_llm import LocalLlmError
+from voicebus.local_llm import LocalLlmError
+from voicebus.redis_server import RedisLaunchError
 from workers.config import Config, ConfigError, load_config
-from workers.logs import setup_logging
-from workers.redis_server import RedisLaunchError
+from workers.observability.logs import setup_logging
 
 log = logging.getLogger("voicebus")
 
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if args.command in ("worker", "gateway"):
-        from workers.metrics import setup_metrics
-        from workers.telemetry import setup_tracing
+        from workers.observability.metrics import setup_metrics
+        from workers.observability.telemetry import setup_tracing
 
         component = args.stage if args.command == "worker" else "gateway"
         setup_tracing(config, component)
@@ -122,7 +122,7 @@ def _missing_server_packages() -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
-    from workers.redis_server import redis_url
+    from voicebus.redis_server import redis_url
     from workers.stages import build_worker
 
     with redis_url(config.redis.url) as url:
@@ -131,7 +131,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
                         "other workers can join with REDIS_URL=%s", url, url)
         with contextlib.ExitStack() as stack:
             if args.stage == "llm" and config.llm.backend == "openai" and not config.llm.base_url:
-                from workers.backends.local_llm import LocalLlmServer
+                from voicebus.local_llm import LocalLlmServer
 
                 log.info("no llm.base_url: starting a local LLM server for this worker")
                 endpoint = stack.enter_context(LocalLlmServer(config.llm)).url
@@ -148,9 +148,9 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     from redis.exceptions import RedisError
 
-    from workers.bus import connect
-    from workers.keys import Keys
-    from workers.status import collect, render
+    from voicebus.status import collect, render
+    from workers.runtime.bus import connect
+    from workers.runtime.keys import Keys
 
     if not config.redis.url:
         print("voicebus status: set REDIS_URL to the bus to inspect", file=sys.stderr)
@@ -223,7 +223,7 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_redis(args: argparse.Namespace, config: Config) -> int:
-    from workers.redis_server import EmbeddedRedis
+    from voicebus.redis_server import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         print(f"REDIS_URL={server.url}", flush=True)
@@ -240,7 +240,7 @@ def cmd_config(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_gateway(args: argparse.Namespace, config: Config) -> int:
     from edge.gateway import run
-    from workers.redis_server import redis_url
+    from voicebus.redis_server import redis_url
 
     with redis_url(config.redis.url) as url:
         with contextlib.suppress(KeyboardInterrupt):
@@ -274,8 +274,8 @@ def cmd_trace(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_llm_server(args: argparse.Namespace, config: Config) -> int:
+    from voicebus.local_llm import LocalLlmServer
     from voicebus.supervisor import Supervisor
-    from workers.backends.local_llm import LocalLlmServer
 
     with LocalLlmServer(config.llm) as server:
         print(f"VOICEBUS_LLM__BASE_URL={server.url}", flush=True)

@@ -23,9 +23,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from workers.backends.local_llm import LocalLlmServer
+from voicebus.local_llm import LocalLlmServer
+from voicebus.redis_server import EmbeddedRedis
 from workers.config import LlmConfig
-from workers.redis_server import EmbeddedRedis
 
 log = logging.getLogger("voicebus.up")
 

@@ -1,7 +1,7 @@
 """``voicebus trace``: a turn's waterfall in the terminal, from the local span file.
 
 Reads the OTLP/JSON lines every voicebus process appends to
-``tracing.local_path`` (``workers.telemetry.JsonLinesExporter``), groups spans by
+``tracing.local_path`` (``workers.observability.telemetry.JsonLinesExporter``), groups spans by
 trace (one trace is one turn), and draws each turn: its stages, when each started
 relative to the user's speech, how long it took, and the critical path (the
 chain of spans that ends last, each starting after the previous one began).
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers import semconv
+from workers.observability import semconv
 
 BAR_WIDTH = 48
 

@@ -30,9 +30,9 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from schemas import Event, Transcript, TurnEnded
-from workers import semconv
 from workers.backends.asr import AsrInputError, AsrResult, Recognizer, load_recognizer
 from workers.config import Config
+from workers.observability import semconv
 from workers.runtime import Context, Emit, JobStage
 
 log = logging.getLogger(__name__)

@@ -92,7 +92,7 @@ class QualityGatingConfig(_Section):
 
 
 class EndpointingConfig(_Section):
-    """How the signals at a pause combine into a wait (see ``workers.turn_detection``).
+    """How the signals at a pause combine into a wait (see ``workers.vad.turn_detection``).
 
     Smart Turn sets the wait: P >= confidence_threshold ends the turn at once,
     P >= threshold after ``probable_silence``, lower after the silence timeout. The
@@ -376,7 +376,7 @@ class LogConfig(_Section):
 
 
 DEFAULT_PROMPT_TOKENS = 4000  # an endpoint of unknown context: what most serve
-# The prompt's token count is an estimate (workers.memory.estimate_tokens); this share of
+# The prompt's token count is an estimate (workers.llm.memory.estimate_tokens); this share of
 # the local server's free context is what it may use, so a digit-heavy or non-English
 # history (more tokens per character) still fits.
 PROMPT_ESTIMATE_MARGIN = 0.85

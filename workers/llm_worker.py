@@ -4,11 +4,11 @@
   (``workers.backends.llm``: an OpenAI-compatible endpoint at ``llm.base_url``; when
   that is unset, ``EchoLlm`` repeats the user, with a warning at start). Non-final
   transcripts are ignored. A failed or empty transcript -> ``SAY_AGAIN``.
-* **Memory** (``workers.memory``, per user: the transcript's ``user_id``, which the
+* **Memory** (``workers.llm.memory``, per user: the transcript's ``user_id``, which the
   gateway took from the device's token; a session without one is its own user):
   the prompt is the system prompt, the summary of older turns and a window of the
   recent messages within ``Config.prompt_budget`` (one that keeps the server's prefix
-  cache: ``workers.prompt_window``), then the user's words. The user's
+  cache: ``workers.llm.prompt_window``), then the user's words. The user's
   words are stored before the model is asked; the reply is stored when it ends, as
   what was *spoken*: a cancelled turn stores only the chunks already sent, marked
   interrupted (the gateway narrows that to what was played, via
@@ -17,9 +17,9 @@
   whole utterance, and a reply cancelled as ``continued`` is not stored at all.
   Both are stored once per turn, so a
   redelivered turn is not remembered twice. After storing, a background task
-  summarizes when the history is long (``workers.summarizer``). Memory is best
+  summarizes when the history is long (``workers.llm.summarizer``). Memory is best
   effort: if Redis cannot serve it the turn is answered without history.
-* Tokens go through ``workers.chunking.Chunker`` (``llm.chunking``: sentences, or a
+* Tokens go through ``workers.text.chunking.Chunker`` (``llm.chunking``: sentences, or a
   first chunk of ``word_chunk_min``..``word_chunk_max`` words); every chunk is emitted
   the moment it exists as ``TextChunk(seq=n, last=False)`` to the TTS queue and the
   session's out stream, with the turn's trace context.
@@ -57,13 +57,13 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from schemas import Event, TextChunk, Transcript
-from workers import metrics, semconv
 from workers.backends.llm import ChatBackend, ChatMessage, LlmError, LlmTimeout, load_backend
-from workers.chunking import Chunker
 from workers.config import Config
-from workers.memory import ConversationMemory, prompt_tokens
+from workers.llm.memory import ConversationMemory, prompt_tokens
+from workers.llm.summarizer import Summarizer
+from workers.observability import metrics, semconv
 from workers.runtime import Context, Emit, JobStage
-from workers.summarizer import Summarizer
+from workers.text.chunking import Chunker
 
 log = logging.getLogger(__name__)
 

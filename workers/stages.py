@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from workers.runtime import JobStage, JobWorker, RuntimeSettings, Worker
-from workers.sessions import SessionWorker
+from workers.runtime import JobStage, RuntimeSettings
+from workers.runtime.jobs import JobWorker
+from workers.runtime.sessions import SessionWorker
+from workers.runtime.worker import Worker
 
 STAGE_MODULES = {
     "vad": "workers.vad_worker",

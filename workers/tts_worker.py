@@ -5,7 +5,7 @@
   ``k``, ``last`` is set on it when the text chunk was the reply's last, and part 0
   carries the chunk's text (captions, memory). The gateway plays ``(seq, part)`` in
   order, so text chunks of one turn may be synthesized by different workers at once.
-* **Streaming**: the text is split into sentences (``workers.chunking``) and each
+* **Streaming**: the text is split into sentences (``workers.text.chunking``) and each
   audio piece goes out the moment the backend has it (Piper: sentence by sentence),
   resampled to ``tts.sample_rate`` and sliced to at most ``tts.chunk_size`` x 40 ms.
   Synthesis runs in a thread, the next piece started while the last one is written.
@@ -38,13 +38,13 @@ from typing import Any
 from opentelemetry import trace
 
 from schemas import AudioChunk, Event, TextChunk
-from workers import semconv
 from workers.backends.audio import float_to_pcm16, resample
 from workers.backends.tts import Piece, TtsBackend, load_backend
-from workers.chunking import chunks
 from workers.config import Config
-from workers.metrics import fallbacks
+from workers.observability import semconv
+from workers.observability.metrics import fallbacks
 from workers.runtime import Context, Emit, JobStage
+from workers.text.chunking import chunks
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ When the user starts speaking while an agent turn is pending or playing
   (``continues``), in the same trace;
 * **barge-in** — otherwise: the agent turn is cancelled with reason ``barge-in``.
 
-Inner pauses are learned per user (``vad.adaptive``, ``workers.pauses``).
+Inner pauses are learned per user (``vad.adaptive``, ``workers.vad.pauses``).
 """
 
 from __future__ import annotations
@@ -55,17 +55,17 @@ from schemas import (
     SpeechStopped,
     TurnEnded,
 )
-from workers import semconv, telemetry
 from workers.backends.audio import Reblocker, StreamResampler, float_to_pcm16, pcm16_to_float
 from workers.backends.silero import WINDOW, SileroModel
 from workers.backends.smart_turn import SmartTurnModel
-from workers.bus import as_str
 from workers.config import Config
-from workers.logs import log_context
-from workers.pauses import PauseProfile
+from workers.observability import semconv, telemetry
+from workers.observability.logs import log_context
 from workers.runtime import Context, Emit
-from workers.sessions import SessionStage
-from workers.turn_detection import (
+from workers.runtime.bus import as_str
+from workers.runtime.sessions import SessionStage
+from workers.vad.pauses import PauseProfile
+from workers.vad.turn_detection import (
     RATE,
     Action,
     Blip,

@@ -7,9 +7,11 @@ import os
 import sys
 
 from tests.support.stages import STAGES
-from workers.logs import setup_logging
-from workers.runtime import JobStage, JobWorker, RuntimeSettings, Worker
-from workers.sessions import SessionWorker
+from workers.observability.logs import setup_logging
+from workers.runtime import JobStage, RuntimeSettings
+from workers.runtime.jobs import JobWorker
+from workers.runtime.sessions import SessionWorker
+from workers.runtime.worker import Worker
 
 
 def main() -> None:

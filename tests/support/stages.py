@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from schemas import AudioChunk, AudioFrame, Event, SessionStarted, Transcript, TurnEnded
 from workers.runtime import Context, Emit, JobStage
-from workers.sessions import SessionStage
+from workers.runtime.sessions import SessionStage
 
 # Seconds a handler sleeps before answering (to have something to kill mid-way).
 DELAY = float(os.environ.get("TEST_STAGE_DELAY", "0"))

@@ -16,7 +16,7 @@ the worker decides about retries and apologies, the backend never retries.
   machines without the local model).
 
 With ``llm.backend: openai`` and no ``llm.base_url``, the caller starts the local
-server first (``workers.backends.local_llm.llm_endpoint``) and passes its URL.
+server first (``voicebus.local_llm.llm_endpoint``) and passes its URL.
 """
 
 from __future__ import annotations

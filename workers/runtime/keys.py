@@ -88,7 +88,7 @@ class Keys:
 
     def user_window(self, user_id: str) -> str:
         """Where a user's prompt window starts and what the last prompt held
-        (``workers.prompt_window``): the next prompt keeps its prefix."""
+        (``workers.llm.prompt_window``): the next prompt keeps its prefix."""
         return f"{self.prefix}:user:{{{user_id}}}:window"
 
     def user_summarizing(self, user_id: str) -> str:

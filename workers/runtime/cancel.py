@@ -15,7 +15,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 
 from schemas import SchemaError, TurnCancelled, decode
-from workers.bus import FIELD, Bus, as_str, read
+from workers.runtime.bus import FIELD, Bus, as_str, read
 
 log = logging.getLogger(__name__)
 

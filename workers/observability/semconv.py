@@ -55,7 +55,7 @@ GEN_AI_TEMPERATURE: Final = "gen_ai.request.temperature"
 GEN_AI_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
 LLM_TTFT_MS: Final = "voicebus.llm.time_to_first_token_ms"
 LLM_CHUNKS: Final = "voicebus.llm.chunks"
-# Estimated (workers.memory.estimate_tokens): the prompt, and the part of it that
+# Estimated (workers.llm.memory.estimate_tokens): the prompt, and the part of it that
 # extends the user's previous prompt (what a prefix-caching server need not evaluate).
 LLM_PROMPT_TOKENS: Final = "voicebus.llm.prompt_tokens"
 LLM_PROMPT_REUSED_TOKENS: Final = "voicebus.llm.prompt_reused_tokens"

@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from schemas import DeadLetter, Event, encode
-from workers.keys import Keys, StreamKind
+from workers.runtime.keys import Keys, StreamKind
 
 FIELD = b"e"  # the one field of every entry: the encoded event
 

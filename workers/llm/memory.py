@@ -8,7 +8,7 @@ Cluster slot (the Lua scripts below touch the first two together):
 * ``{prefix}:user:{user_id}:summary`` - the summary of everything already
   folded out of the list (a plain string);
 * ``{prefix}:user:{user_id}:window`` - where the last prompt's window of the list
-  began and what that prompt held (``workers.prompt_window``), so the next prompt
+  began and what that prompt held (``workers.llm.prompt_window``), so the next prompt
   extends it.
 
 They expire ``memory.message_ttl`` seconds after the user's last message (the
@@ -39,14 +39,14 @@ import msgspec
 import redis.asyncio as aioredis
 
 from workers.config import DEFAULT_PROMPT_TOKENS, ContextWindowConfig, MemoryConfig
-from workers.keys import Keys
-from workers.prompt_window import (
+from workers.llm.prompt_window import (
     Candidate,
     choose_start,
     digests,
     longest_suffix,
     shared_prefix,
 )
+from workers.runtime.keys import Keys
 
 Role = Literal["user", "assistant"]
 ROLES: Final = frozenset({"user", "assistant"})
@@ -245,7 +245,7 @@ class ConversationMemory:
         self._continue = client.register_script(_CONTINUE)
         self.keys = Keys(prefix)
 
-    # Key names live here rather than in workers/keys.py on purpose: memory is per
+    # Key names live here rather than in workers/runtime/keys.py on purpose: memory is per
     # user, not per session. The {user_id} hash tag keeps both keys in one slot.
     def messages_key(self, user_id: str) -> str:
         return Keys(self.prefix).user_messages(validate_user_id(user_id))
@@ -400,7 +400,7 @@ class ConversationMemory:
         """OpenAI chat messages for the next turn, within ``budget`` estimated tokens.
 
         Order: system prompt, summary (as a system message), a window of the history
-        oldest first (at most ``keep_recent_messages``, `workers.prompt_window`: it
+        oldest first (at most ``keep_recent_messages``, `workers.llm.prompt_window`: it
         starts where the last prompt's did while that fits, so the prompt's prefix
         holds), the new user text. The system prompt and the user text are always
         included; what does not fit goes first from the oldest history, then from the

@@ -32,7 +32,7 @@ Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
   early only when Smart Turn says complete *and* the text has a verdict other
   than "goes on"; else by the silence timeout. The probable-end wait and the
   silence timeout are stretched for users who pause long (``stretch``, learned
-  per user by ``workers.pauses``). A turn longer than ``max_turn_duration`` is cut.
+  per user by ``workers.vad.pauses``). A turn longer than ``max_turn_duration`` is cut.
 
 * **Tentative ends.** ASR takes longer (~0.4-0.7 s on a small CPU) than Smart Turn
   (~60 ms), and the text's verdict matters only if it says "goes on". So when the
@@ -70,7 +70,7 @@ import numpy as np
 
 from workers.backends.audio import level_db
 from workers.config import VadConfig
-from workers.turn_text import TextVerdict, judge_text
+from workers.vad.turn_text import TextVerdict, judge_text
 
 RATE = 16_000
 WINDOW = 512
@@ -176,7 +176,7 @@ class TurnDetector:
         self.max_turn = seconds(fb.max_turn_duration)
         self.max_model_audio = seconds(st.max_audio)
         self.max_gap = seconds(config.continuation.max_gap)
-        # >= 1: how much longer than configured this user's waits are (workers.pauses).
+        # >= 1: how much longer than configured this user's waits are (workers.vad.pauses).
         self.stretch = 1.0
 
         self.pos = 0  # samples consumed

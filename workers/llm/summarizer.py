@@ -33,7 +33,7 @@ from typing import Any, TypeVar, cast
 from redis.exceptions import RedisError
 
 from workers.backends.llm import ChatBackend, ChatMessage, LlmError
-from workers.memory import MAX_SUMMARY_BYTES, ConversationMemory
+from workers.llm.memory import MAX_SUMMARY_BYTES, ConversationMemory
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A stage is a handler: it takes one decoded event and yields the events it
 causes (``Emit``). The runtime owns everything else:
 
 * reading with ``XREADGROUP`` only as many entries as it has free capacity for;
-* writing the handler's outputs (each exactly once, see ``workers.bus``) and
+* writing the handler's outputs (each exactly once, see ``workers.runtime.bus``) and
   ``XACK``-ing an entry only after its outputs are written;
 * retrying a handler that raised, then dead-lettering the entry with the reason;
   dead-lettering entries that do not decode or were delivered too many times;
@@ -14,8 +14,8 @@ causes (``Emit``). The runtime owns everything else:
   graceful shutdown (stop reading, finish within a grace period, leave the rest
   pending for a peer).
 
-Two ways to consume: ``JobWorker`` (this module) for work-queue stages where any
-free worker takes the next job, and ``SessionWorker`` (``workers.sessions``) for
+Two ways to consume: ``JobWorker`` (``workers.runtime.jobs``) for work-queue stages where any
+free worker takes the next job, and ``SessionWorker`` (``workers.runtime.sessions``) for
 stages that must see a session's events in order.
 """
 
@@ -28,133 +28,28 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from opentelemetry.trace import SpanKind
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from schemas import DEFAULT_MAX_EVENT_BYTES, DeadLetter, Event, SchemaError, TurnEvent, decode
-from workers import janitor, metrics, semconv, telemetry
-from workers.bus import FIELD, Bus, as_str, connect, consumer_name, read_group
-from workers.cancel import CancelLane
-from workers.config import Config
-from workers.keys import Keys
-from workers.logs import log_context
+from schemas import DeadLetter, Event, SchemaError, TurnEvent, decode
+from workers.observability import metrics, semconv, telemetry
+from workers.observability.logs import log_context
+from workers.runtime import janitor
+from workers.runtime.bus import FIELD, Bus, as_str, connect, consumer_name
+from workers.runtime.cancel import CancelLane
+from workers.runtime.contract import Context, Handler, Outcome, RuntimeSettings
+from workers.runtime.keys import Keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors that mean "Redis is not reachable right now": wait and try again.
 IO_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
-
-
-@dataclass(frozen=True, slots=True)
-class Emit:
-    """One output of a handler: ``event`` is appended to ``stream``."""
-
-    stream: str
-    event: Event
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    url: str
-    prefix: str = "vb"
-    claim_idle_ms: int = 5_000
-    block_ms: int = 1_000
-    max_deliveries: int = 5
-    handler_attempts: int = 3
-    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
-    consumer_gc_idle_s: float = 600.0
-    session_ttl_s: int = 3_600
-    maxlen: Mapping[str, int] = field(default_factory=dict)
-    concurrency: int = 4
-    max_sessions: int = 1_000
-    shutdown_grace_s: float = 10.0
-    janitor_interval_s: float = 10.0
-    read_count: int = 8
-
-    @classmethod
-    def from_config(cls, config: Config, url: str) -> RuntimeSettings:
-        r, w = config.redis, config.worker
-        return cls(
-            url=url,
-            prefix=r.key_prefix,
-            claim_idle_ms=r.claim_idle_ms,
-            block_ms=r.block_ms,
-            max_deliveries=r.max_deliveries,
-            handler_attempts=r.handler_attempts,
-            max_event_bytes=r.max_event_bytes,
-            consumer_gc_idle_s=r.consumer_gc_idle_s,
-            session_ttl_s=r.session_ttl_s,
-            maxlen=r.maxlen.model_dump(),
-            concurrency=w.concurrency,
-            max_sessions=w.max_sessions,
-            read_count=w.read_count,
-            shutdown_grace_s=w.shutdown_grace_s,
-            janitor_interval_s=w.janitor_interval_s,
-        )
-
-
-@dataclass
-class Context:
-    """What a handler may use while it handles one entry."""
-
-    bus: Bus
-    cancel: CancelLane
-    consumer: str
-    stream: str
-    entry_id: str
-    deliveries: int
-    event: Event
-
-    @property
-    def keys(self) -> Keys:
-        return self.bus.keys
-
-    def cancelled(self) -> bool:
-        """Has this event's turn been cancelled? Local, no I/O: check between chunks."""
-        event = self.event
-        return isinstance(event, TurnEvent) and self.cancel.is_cancelled_local(
-            event.session_id, event.turn_id
-        )
-
-    def cancel_reason(self) -> str | None:
-        """Why this event's turn was cancelled ("barge-in", "continued", ...), or None."""
-        event = self.event
-        if not isinstance(event, TurnEvent):
-            return None
-        return self.cancel.reason(event.session_id, event.turn_id)
-
-    def cancel_event(self) -> asyncio.Event:
-        """Set when this event's turn is cancelled: race a long model call against it."""
-        event = self.event
-        if not isinstance(event, TurnEvent):
-            return asyncio.Event()  # never set: only turns can be cancelled
-        return self.cancel.waiter(event.session_id, event.turn_id)
-
-
-Handler = Callable[[Event, Context], AsyncIterator[Emit]]
-
-
-@dataclass(frozen=True)
-class JobStage:
-    """A work-queue stage: ``handle`` is called for every event on ``keys.queue(name)``."""
-
-    name: str
-    handle: Handler
-    # Jobs at once in one process; None: ``worker.concurrency``. A model that runs one
-    # inference at a time (ASR) wants 1, and more processes to scale.
-    concurrency: int | None = None
-
-
-# What became of an entry: "acked" (dead-lettered, already acked), "emitted" (handled
-# and wrote outputs), "handled" (no outputs), "cancelled" (its turn was cancelled).
-Outcome = Literal["acked", "emitted", "handled", "cancelled"]
 
 
 class Stopping(Exception):
@@ -483,107 +378,3 @@ class Worker:
         await janitor.remove_consumer_if_idle(self.redis, stream, self.group, self.consumer)
 
 
-class JobWorker(Worker):
-    """A work-queue consumer: any free worker takes the next job from the stage's queue."""
-
-    def __init__(self, stage: JobStage, settings: RuntimeSettings, consumer: str | None = None):
-        super().__init__(stage.name, settings, consumer)
-        self.stage = stage
-        self.queue = self.keys.queue(stage.name)
-        self._in_flight: dict[str, asyncio.Task[None]] = {}
-        self._slot_free = asyncio.Event()
-
-    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
-        return {"read": self._read_loop, "lease": self._lease_loop,
-                "reclaim": self._reclaim_loop, **super().loops()}
-
-    def streams_to_tidy(self) -> list[str]:
-        return [self.queue]
-
-    async def ensure_groups(self) -> None:
-        await self.bus.ensure_group(self.queue, self.group)
-        # Visible to `voicebus status` at once, not only after its first job.
-        await self.redis.xgroup_createconsumer(self.queue, self.group, self.consumer)
-
-    @property
-    def free(self) -> int:
-        return (self.stage.concurrency or self.settings.concurrency) - len(self._in_flight)
-
-    async def _read_loop(self) -> None:
-        await self.ensure_groups()
-        while not self.stopping.is_set():
-            if self.free <= 0:
-                self._slot_free.clear()
-                await self._slot_free.wait()
-                continue
-            replies = await read_group(self.reader, self.group, self.consumer,
-                                       {self.queue: ">"}, self.free, self.settings.block_ms)
-            self._note_up()
-            for _stream, entries in replies:
-                for entry_id, fields in entries:
-                    self._start(entry_id, fields, 1)
-
-    def _start(self, entry_id: str, fields: dict[bytes, bytes] | None, deliveries: int) -> None:
-        if entry_id in self._in_flight:
-            return
-        task = asyncio.create_task(self._process(entry_id, fields, deliveries))
-        self._in_flight[entry_id] = task
-
-    async def _process(self, entry_id: str, fields: dict[bytes, bytes] | None,
-                       deliveries: int) -> None:
-        try:
-            outcome, _ = await self.handle_entry(
-                self.queue, entry_id, fields, deliveries, self.stage.handle)
-            if outcome != "acked":
-                emitted = [entry_id] if outcome == "emitted" else []
-                await self.io(lambda: self.bus.ack(self.queue, self.group, [entry_id], emitted))
-        except (asyncio.CancelledError, Stopping):
-            self.stats["left_pending"] += 1
-        except Exception:  # a bug in the runtime itself: keep serving, the entry stays pending
-            log.exception("%s: unexpected error on %s", self.consumer, entry_id)
-        finally:
-            self._in_flight.pop(entry_id, None)
-            self._slot_free.set()
-
-    async def _lease_loop(self) -> None:
-        """Renew our claim on in-flight entries so peers do not take them (also while
-        draining on shutdown, until cancelled)."""
-        while True:
-            await asyncio.sleep(self.settings.claim_idle_ms / 3000)
-            ids = list(self._in_flight)
-            kept = await self.leases.renew(self.queue, self.group, self.consumer, ids)
-            for entry_id in set(ids) - kept:
-                task = self._in_flight.get(entry_id)
-                if task is not None and not task.done():
-                    self.stats["lost_leases"] += 1
-                    log.warning("%s: lost the lease on %s to a peer; abandoning it",
-                                self.consumer, entry_id)
-                    task.cancel()
-
-    async def _reclaim_loop(self) -> None:
-        """Take over entries left pending by consumers that died."""
-        await self.ensure_groups()
-        cursor = "0-0"
-        while not self.stopping.is_set():
-            await self.sleep(self.settings.claim_idle_ms / 2000 * random.uniform(0.8, 1.2))
-            if self.free <= 0 or self.stopping.is_set():
-                continue
-            reply = await self.leases.redis.xautoclaim(
-                self.queue, self.group, self.consumer, self.settings.claim_idle_ms,
-                start_id=cursor, count=self.free)
-            cursor = as_str(reply[0])
-            claimed = [e for e in reply[1] if e is None or as_str(e[0]) not in self._in_flight]
-            for entry_id, fields, deliveries in await self.pending_deliveries(self.queue, claimed):
-                self.stats["reclaimed"] += 1
-                log.info("%s: reclaimed %s (delivery %d)", self.consumer, entry_id, deliveries)
-                self._start(entry_id, fields, deliveries)
-
-    async def drain(self) -> None:
-        while self._in_flight:
-            await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
-
-    async def on_stopped(self) -> None:
-        for task in list(self._in_flight.values()):
-            task.cancel()
-        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
-        await self.remove_own_consumer(self.queue)

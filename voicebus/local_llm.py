@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from voicebus.redis_server import die_with_parent, free_port
 from workers.backends.model_files import (
     ModelIntegrityError,
     PackagedFile,
@@ -38,7 +39,6 @@ from workers.backends.model_files import (
     packaged_path,
 )
 from workers.config import LlmConfig
-from workers.redis_server import die_with_parent, free_port
 
 log = logging.getLogger(__name__)
 

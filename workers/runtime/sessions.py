@@ -22,17 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from schemas import Event, SchemaError, SessionEnded, SessionStarted, decode
-from workers.bus import FIELD, as_str, read_group
-from workers.logs import log_context
-from workers.runtime import (
-    IO_ERRORS,
-    Context,
-    Emit,
-    RuntimeSettings,
-    Stopping,
-    Worker,
-    wait_event,
-)
+from workers.observability.logs import log_context
+from workers.runtime.bus import FIELD, as_str, read_group
+from workers.runtime.contract import Context, Emit, RuntimeSettings
+from workers.runtime.worker import IO_ERRORS, Stopping, Worker, wait_event
 
 log = logging.getLogger(__name__)
 

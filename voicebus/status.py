@@ -15,9 +15,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from schemas import DeadLetter, SchemaError, decode
-from workers.bus import FIELD, as_str
-from workers.keys import Keys
-from workers.metrics import StageLatency, recent_latency, window_start_id
+from workers.observability.metrics import StageLatency, recent_latency, window_start_id
+from workers.runtime.bus import FIELD, as_str
+from workers.runtime.keys import Keys
 
 ALERT_FILL = 0.8
 LATENCY_WINDOW_S = 600.0  # per-stage percentiles over the turns of the last 10 minutes

@@ -12,7 +12,7 @@ import logging
 
 import redis.asyncio as aioredis
 
-from workers.bus import as_str
+from workers.runtime.bus import as_str
 
 log = logging.getLogger(__name__)
 
