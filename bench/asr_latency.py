@@ -68,6 +68,7 @@ from workers.backends.asr import (  # noqa: E402
     prepare_audio,
 )
 from workers.backends.model_files import ModelNotFound, resolve_model  # noqa: E402
+from workers.observability.metrics import percentile as interpolated  # noqa: E402
 
 SAMPLES = ROOT / "voicebus" / "samples"
 Transcribe = Callable[[np.ndarray], str]
@@ -166,10 +167,7 @@ def configurations(threads: int) -> dict[str, Transcribe]:
 
 # -- measuring ------------------------------------------------------------------
 def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    return interpolated(values, q)
 
 
 def measure_latency(configs: dict[str, Transcribe], utterances: dict[float, np.ndarray],

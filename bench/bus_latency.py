@@ -47,7 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable from anywhere, even without the editable install
     sys.path.insert(0, str(ROOT))
 
+from bench.measure import busy_cores_before_start, machine_cpu, proc_cpu_s  # noqa: E402
 from schemas import AudioFrame, Event, SessionEnded, SessionStarted, encode  # noqa: E402
+from workers.observability.metrics import percentile as interpolated  # noqa: E402
 from workers.runtime.bus import FIELD  # noqa: E402
 from workers.runtime.keys import Keys  # noqa: E402
 
@@ -56,7 +58,6 @@ SAMPLE_RATE = 16_000
 FRAME_SAMPLES = 512  # 32 ms at 16 kHz
 PERIOD_S = FRAME_SAMPLES / SAMPLE_RATE
 WARMUP_S = 1.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------------
@@ -145,33 +146,13 @@ def run_worker(url: str, prefix: str, samples_path: str, pool_max: int | None,
 # ----------------------------------------------------------------------------
 # Measuring helpers
 # ----------------------------------------------------------------------------
-def proc_cpu_s(pid: int) -> float | None:
-    """utime + stime of a process, in seconds (None if it cannot be read)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
-def machine_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies over all cores, from /proc/stat."""
-    with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    idle = parts[3] + parts[4]  # idle + iowait
-    total = sum(parts[:8])  # guest time is already counted in user
-    return total - idle, total
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_values:
-        return float("nan")
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+    """Linear interpolation between closest ranks (numpy's default); q in percent."""
+    return interpolated(sorted_values, q / 100) if sorted_values else float("nan")
 
 
 def summary_ms(values_ns: list[int]) -> dict[str, float]:
@@ -488,13 +469,7 @@ def main() -> None:
 
     from voicebus.redis_server import EmbeddedRedis
 
-    busy0 = machine_cpu()
-    time.sleep(1.0)
-    busy1 = machine_cpu()
-    idle_busy = (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]) * (os.cpu_count() or 1)
-    print(f"before starting: {idle_busy:.2f} cores busy with other work", flush=True)
-    if idle_busy > 0.2:
-        print("WARNING: the machine is not idle; the numbers will be noisy", flush=True)
+    idle_busy = busy_cores_before_start()
 
     configured = os.environ.get("REDIS_URL")
     server: EmbeddedRedis | None = None

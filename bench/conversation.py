@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.pipeline_latency import proc_cpu_s  # noqa: E402
+from bench.measure import proc_cpu_s  # noqa: E402
 from bench.speech_corpus import Turn, export, load_corpus  # noqa: E402
 from edge.auth import mint  # noqa: E402
 from edge.client import TurnResult, talk_wavs  # noqa: E402

@@ -64,9 +64,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.busmic import Microphone  # noqa: E402
+from bench.measure import busy_cores_before_start, machine_cpu, proc_cpu_s  # noqa: E402
 from edge.auth import mint  # noqa: E402
 from edge.client import ClientError, talk_wavs  # noqa: E402
 from schemas import AudioFrame, Event, TurnEnded, decode  # noqa: E402
+from voicebus import processes  # noqa: E402
 from voicebus.demo import default_wavs, read_wav  # noqa: E402
 from voicebus.redis_server import EmbeddedRedis  # noqa: E402
 from workers.backends.asr import AsrResult, Recognizer, load_recognizer  # noqa: E402
@@ -75,6 +77,7 @@ from workers.backends.llm import ChatMessage, OpenAIChat  # noqa: E402
 from workers.backends.tts import load_backend  # noqa: E402
 from workers.config import Config, load_config  # noqa: E402
 from workers.llm_worker import SAY_AGAIN  # noqa: E402
+from workers.observability.metrics import percentile as interpolated  # noqa: E402
 from workers.runtime.bus import FIELD, Bus, connect, read  # noqa: E402
 from workers.runtime.keys import Keys  # noqa: E402
 from workers.text.chunking import Chunker  # noqa: E402
@@ -101,19 +104,13 @@ P95_LIMIT_MS = 2000.0
 VAD_SLACK_MS = 100.0
 QUIET = 0.25  # busy cores below which the machine counts as idle
 VAD_DRAIN_LIMIT_S = 240.0  # how long a round waits for the worker to catch up at the end
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- numbers ----------------------------------------------------------------------
 def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); None if empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    """Linear interpolation between closest ranks (numpy's default); q in percent; None
+    if empty."""
+    return interpolated(values, q / 100) if values else None
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -126,24 +123,8 @@ def summary(values: list[float]) -> dict[str, Any]:
     return out
 
 
-def machine_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies over all cores, from /proc/stat."""
-    with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    idle = parts[3] + parts[4]
-    total = sum(parts[:8])
-    return total - idle, total
 
 
-def proc_cpu_s(pid: int | None) -> float | None:
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 @dataclass
@@ -638,12 +619,7 @@ def vad_path(counts: list[int], reps: int, out: Path, seed: int) -> list[dict[st
                       f"{result['drain_s']} s after the last frame", flush=True)
                 rounds.append(result)
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            processes.stop(worker, grace_s=30)
     return rounds
 
 
@@ -832,13 +808,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
 
-    b0 = machine_cpu()
-    time.sleep(1.0)
-    b1 = machine_cpu()
-    idle_busy = (b1[0] - b0[0]) / max(1, b1[1] - b0[1]) * (os.cpu_count() or 1)
-    print(f"before starting: {idle_busy:.2f} cores busy with other work", flush=True)
-    if idle_busy > 0.2:
-        print("WARNING: the machine is not idle; the numbers will be noisy", flush=True)
+    idle_busy = busy_cores_before_start()
 
     from voicebus.supervisor import Supervisor
 

@@ -47,6 +47,7 @@ from voicebus.redis_server import EmbeddedRedis  # noqa: E402
 from workers.backends.llm import OpenAIChat  # noqa: E402
 from workers.backends.tts import TtsBackend, load_backend  # noqa: E402
 from workers.config import LlmConfig, TtsConfig  # noqa: E402
+from workers.observability.metrics import percentile as interpolated  # noqa: E402
 from workers.runtime.bus import FIELD  # noqa: E402
 from workers.runtime.keys import Keys  # noqa: E402
 from workers.text.chunking import Chunker  # noqa: E402
@@ -62,12 +63,7 @@ PROMPTS = [
 
 
 def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    return interpolated(values, q) if values else None
 
 
 def summary(values: list[float]) -> dict[str, float | int | None]:

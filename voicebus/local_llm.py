@@ -29,7 +29,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from voicebus.redis_server import die_with_parent, free_port
+from voicebus import processes
+from voicebus.processes import die_with_parent, free_port
 from workers.backends.model_files import (
     ModelIntegrityError,
     PackagedFile,
@@ -170,13 +171,7 @@ class LocalLlmServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        processes.stop(proc, grace_s=10)
         with contextlib.suppress(OSError):
             self._log.unlink()
 

