@@ -114,3 +114,14 @@ def test_the_checker_sees_lazy_and_module_imports(tmp_path: Path) -> None:
     bad.write_text("import json\nfrom workers import llm_worker\n"
                    "def f():\n    from workers.vad.turn_text import judge_text\n")
     assert imports(bad) == {"workers.llm_worker", "workers.vad.turn_text"}
+
+
+def test_the_stage_registry_names_each_stage_module_and_how_it_consumes() -> None:
+    from workers.stages import REGISTRY
+
+    assert set(REGISTRY) == {"vad", "asr", "llm", "tts"}
+    for name, spec in REGISTRY.items():
+        source = modules()[spec.module].read_text()
+        made = "JobStage(" if spec.kind == "job" else "SessionStage("
+        assert f'{made}"{name}"' in source, (name, spec)
+        assert (spec.span is None) == (spec.kind == "session")

@@ -21,6 +21,8 @@ from voicebus.local_llm import (
     GGUF_SHA256,
     LocalLlmError,
     gguf_path,
+    llm_endpoint,
+    needs_local_server,
 )
 from workers.backends.model_files import ModelIntegrityError, assemble, packaged_path
 from workers.config import LlmConfig, LocalLlmConfig
@@ -69,6 +71,17 @@ def ask(r: redis.Redis, keys: Keys, user: str, text: str) -> list[TextChunk]:
         return got if any(c.last for c in got) else None
     found: list[TextChunk] = wait_for(done, timeout=180, what="the reply")
     return found
+
+
+def test_a_configured_endpoint_or_the_echo_backend_starts_no_server() -> None:
+    mine = LlmConfig(base_url="http://llm.example:8000/v1")
+    echo = LlmConfig(backend="echo")
+    assert needs_local_server(LlmConfig()) and not needs_local_server(mine)
+    assert not needs_local_server(echo)
+    with llm_endpoint(mine) as url:
+        assert url == "http://llm.example:8000/v1"
+    with llm_endpoint(echo) as url:
+        assert url is None
 
 
 def test_a_worker_without_an_endpoint_starts_the_local_model(

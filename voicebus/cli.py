@@ -14,6 +14,7 @@ from pathlib import Path
 
 from voicebus.local_llm import LocalLlmError
 from voicebus.redis_server import RedisLaunchError
+from workers import stages
 from workers.config import Config, ConfigError, load_config
 from workers.observability.logs import setup_logging
 
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     w = sub.add_parser("worker", help="run one worker of a stage (start as many as you like)")
-    w.add_argument("stage", choices=["vad", "asr", "llm", "tts"])
+    w.add_argument("stage", choices=stages.NAMES)
 
     s = sub.add_parser("status", help="streams, consumer groups, pending work, dead letters")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -130,11 +131,10 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
             log.warning("no REDIS_URL: started a private redis-server at %s; "
                         "other workers can join with REDIS_URL=%s", url, url)
         with contextlib.ExitStack() as stack:
-            if args.stage == "llm" and config.llm.backend == "openai" and not config.llm.base_url:
-                from voicebus.local_llm import LocalLlmServer
+            if args.stage == "llm":
+                from voicebus.local_llm import llm_endpoint
 
-                log.info("no llm.base_url: starting a local LLM server for this worker")
-                endpoint = stack.enter_context(LocalLlmServer(config.llm)).url
+                endpoint = stack.enter_context(llm_endpoint(config.llm))
                 config = config.model_copy(update={
                     "llm": config.llm.model_copy(update={"base_url": endpoint})})
             worker = build_worker(args.stage, config, url)

@@ -183,14 +183,18 @@ class LocalLlmServer:
         self.stop()
 
 
+def needs_local_server(config: LlmConfig) -> bool:
+    """An OpenAI-compatible backend with no ``llm.base_url``: we serve the local model."""
+    return config.backend == "openai" and not config.base_url
+
+
 @contextlib.contextmanager
 def llm_endpoint(config: LlmConfig) -> Iterator[str | None]:
     """The endpoint to use: the configured one, a local server living as long as this,
     or None for the echo backend."""
-    if config.backend == "echo":
-        yield None
-    elif config.base_url:
-        yield config.base_url
-    else:
-        with LocalLlmServer(config) as server:
-            yield server.url
+    if not needs_local_server(config):
+        yield config.base_url if config.backend != "echo" else None
+        return
+    log.info("no llm.base_url: starting a local LLM server")
+    with LocalLlmServer(config) as server:
+        yield server.url

@@ -23,13 +23,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from voicebus.local_llm import LocalLlmServer
+from voicebus.local_llm import LocalLlmServer, needs_local_server
 from voicebus.redis_server import EmbeddedRedis
+from workers import stages
 from workers.config import LlmConfig
 
 log = logging.getLogger("voicebus.up")
 
-STAGES = ("vad", "asr", "llm", "tts", "gateway")
+STAGES = (*stages.NAMES, "gateway")  # the processes `up` runs
 READY = {"gateway": "gateway listening on "}  # the log line that says a process is ready
 
 
@@ -69,7 +70,7 @@ class Supervisor:
                 if stage != "llm":
                     self._spawn(stage)
             if "llm" in self.stages:
-                if self.llm.backend == "openai" and not self.llm.base_url:
+                if needs_local_server(self.llm):
                     self._say("llama", "loading the local LLM (set llm.base_url to use yours)")
                     self._llm_server = LocalLlmServer(self.llm)
                     self.llm_url = self._llm_server.start()

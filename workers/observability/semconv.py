@@ -22,7 +22,6 @@ LLM: Final = "chat"  # gen_ai convention: "{operation} {model}"; the model is ap
 TTS: Final = "tts.synthesize"  # one per text chunk
 PLAYBACK: Final = "gateway.playback"  # first audio byte sent -> last (or the flush)
 
-STAGE_SPANS: Final = {"asr": ASR, "llm": LLM, "tts": TTS}
 
 # -- attributes ---------------------------------------------------------------------
 SESSION_ID: Final = "voicebus.session.id"

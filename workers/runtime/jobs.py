@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 class JobWorker(Worker):
     """A work-queue consumer: any free worker takes the next job from the stage's queue."""
 
-    def __init__(self, stage: JobStage, settings: RuntimeSettings, consumer: str | None = None):
+    def __init__(self, stage: JobStage, settings: RuntimeSettings, consumer: str | None = None,
+                 *, span: str | None = None):
         super().__init__(stage.name, settings, consumer)
+        self.span_name = span
         self.stage = stage
         self.queue = self.keys.queue(stage.name)
         self._in_flight: dict[str, asyncio.Task[None]] = {}

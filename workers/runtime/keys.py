@@ -12,9 +12,6 @@ from typing import Literal
 
 StreamKind = Literal["audio", "queue", "out", "control", "sessions", "dead_letter"]
 
-# The stages that are plain work queues (any free worker takes the next job).
-JOB_STAGES = ("asr", "llm", "tts")
-
 
 @dataclass(frozen=True, slots=True)
 class Keys:

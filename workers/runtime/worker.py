@@ -93,6 +93,8 @@ class Worker:
 
     def __init__(self, name: str, settings: RuntimeSettings, consumer: str | None = None) -> None:
         self.name = self.group = name
+        # The span opened around each turn event's handling (the stage registry's), or None.
+        self.span_name: str | None = None
         self.settings = settings
         self.consumer = consumer or consumer_name(name)
         self.keys = Keys(settings.prefix)
@@ -281,7 +283,7 @@ class Worker:
         self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
         handler: Handler,
     ) -> tuple[Outcome, Event | None]:
-        span_name = semconv.STAGE_SPANS.get(self.name)
+        span_name = self.span_name
         if span_name is None or not isinstance(event, TurnEvent):
             return await self._attempt_inner(stream, entry_id, raw, deliveries, event, handler)
         # The stage's span, a child of the turn's root span named by the event's trace
