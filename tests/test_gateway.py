@@ -374,7 +374,7 @@ async def test_disconnect_leaves_nothing_behind(gateway: Gateway,
         if sid not in gateway.sessions and len(gateway.tasks) == tasks_before:
             break
         await asyncio.sleep(0.02)
-    assert sid not in gateway.sessions and gateway.keys.out(sid) not in gateway.positions
+    assert sid not in gateway.sessions and gateway.keys.out(sid) not in gateway.tap.positions
     assert len(gateway.tasks) == tasks_before  # the session's tasks are gone
     # Its live turn was cancelled, the VAD told the session ended, every key expires.
     assert await client.hget(gateway.keys.cancelled(sid), "t9") is not None
