@@ -23,6 +23,29 @@ import redis
 from voicebus.redis_server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Three tiers (README, "Run the tests"), marked here from what a test uses:
+#   handler/logic: in memory, real models, no Redis, no processes (tests/support/handlers.py)
+#   bus: through a real redis-server (any test that uses the ``redis_url`` fixture)
+#   product: worker processes, the CLI, the local LLM server, the whole product
+# ``pytest -m "not slow"`` runs the first tier only (under a minute).
+PRODUCT_FIXTURES = {"workers", "local_llm_url"}
+BUS_FIXTURES = {"redis_url"}
+# Modules whose tests start processes without those fixtures (the CLI as a user runs it).
+PRODUCT_MODULES = {"test_cli", "test_edge_install", "test_product", "test_tracing"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if used & PRODUCT_FIXTURES or module in PRODUCT_MODULES \
+                or item.get_closest_marker("product"):
+            item.add_marker(pytest.mark.product)
+            item.add_marker(pytest.mark.slow)
+        elif used & BUS_FIXTURES or item.get_closest_marker("bus"):
+            item.add_marker(pytest.mark.bus)
+            item.add_marker(pytest.mark.slow)
 # Spans of every process the tests start go here, not into the user's ~/.cache.
 os.environ.setdefault("VOICEBUS_TRACING__LOCAL_PATH",
                       str(Path(tempfile.mkdtemp(prefix="voicebus-test-spans-")) / "spans.jsonl"))

@@ -14,6 +14,7 @@ from workers.runtime.keys import Keys
 ACL = ROOT / "deploy" / "redis-users.acl"
 
 
+@pytest.mark.bus
 def test_workers_run_as_least_privileged_users(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with EmbeddedRedis(extra_args=["--aclfile", str(ACL)]) as server:
         port = server.port

@@ -368,6 +368,7 @@ def test_wavs_as_people_have_them_are_read_as_pcm16_mono(
     assert np.max(np.abs(got - want)) <= tolerance
 
 
+@pytest.mark.product
 def test_a_file_that_is_not_audio_is_refused_in_one_line(tmp_path: Path) -> None:
     text = tmp_path / "notes.wav"
     text.write_text("not audio at all\n")
@@ -420,6 +421,7 @@ def voicebus(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
                           capture_output=True, timeout=60, env={**os.environ, **env})
 
 
+@pytest.mark.product
 def test_voicebus_token_mints_a_token_the_gateway_accepts() -> None:
     secret = "cli-secret-0123456789abcdef"
     result = voicebus("token", "--user", "alice", "--ttl", "120",
@@ -430,6 +432,7 @@ def test_voicebus_token_mints_a_token_the_gateway_accepts() -> None:
         verify(secret.encode(), result.stdout.strip(), now=time.time() + 200)
 
 
+@pytest.mark.product
 def test_voicebus_talk_to_no_gateway_exits_2_with_one_line(tmp_path: Path) -> None:
     url = f"ws://127.0.0.1:{closed_port()}/v1/session"
     result = voicebus("talk", "--url", url, "--user", "a",
@@ -440,6 +443,7 @@ def test_voicebus_talk_to_no_gateway_exits_2_with_one_line(tmp_path: Path) -> No
         f"voicebus talk: cannot reach the gateway at {url}")
 
 
+@pytest.mark.product
 def test_the_client_imports_no_bus_and_no_models() -> None:
     code = ("import sys, edge.client, edge.audio_io, edge.cli_commands; "
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")

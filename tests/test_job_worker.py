@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
 import redis
 
 from schemas import DeadLetter, Transcript, TurnEnded, encode
@@ -216,6 +217,7 @@ def test_a_long_call_is_abandoned_as_soon_as_its_turn_is_cancelled(
     assert out[0].text == "abandoned"
 
 
+@pytest.mark.bus
 def test_worker_survives_a_redis_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import WorkerProcs
     from voicebus.redis_server import EmbeddedRedis

@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
+
+import redis.asyncio as aioredis
 
 from schemas import DEFAULT_MAX_EVENT_BYTES, Event, TurnEvent
 from workers.config import Config
-from workers.runtime.bus import Bus
-from workers.runtime.cancel import CancelLane
 from workers.runtime.keys import Keys
 
 T = TypeVar("T")
@@ -67,12 +67,37 @@ class RuntimeSettings:
         )
 
 
+class BusView(Protocol):
+    """What a handler sees of the bus (``workers.runtime.bus.Bus`` in a worker): the key
+    names, and Redis for the state a stage keeps there (memory, caches, markers)."""
+
+    @property
+    def keys(self) -> Keys: ...
+
+    @property
+    def redis(self) -> aioredis.Redis: ...
+
+
+class CancelView(Protocol):
+    """What a handler sees of the cancel lane (``workers.runtime.cancel.CancelLane``)."""
+
+    def is_cancelled_local(self, session_id: str, turn_id: str) -> bool: ...
+
+    def reason(self, session_id: str, turn_id: str) -> str | None: ...
+
+    def waiter(self, session_id: str, turn_id: str) -> asyncio.Event: ...
+
+    async def cancel(self, session_id: str, turn_id: str, reason: str = "") -> None: ...
+
+
 @dataclass
 class Context:
-    """What a handler may use while it handles one entry."""
+    """What a handler may use while it handles one entry. The runtime gives it the real
+    bus and cancel lane; a handler test can give it in-memory ones (``tests/support/
+    handlers.py``), since a handler touches nothing else."""
 
-    bus: Bus
-    cancel: CancelLane
+    bus: BusView
+    cancel: CancelView
     consumer: str
     stream: str
     entry_id: str
