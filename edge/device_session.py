@@ -30,6 +30,7 @@ from schemas import (
     AudioChunk,
     AudioFrame,
     Event,
+    Heard,
     SessionEnded,
     SpeechStarted,
     TextChunk,
@@ -292,16 +293,19 @@ class DeviceSession:
             self.gateway.spawn(self.store_heard(turn))
 
     async def store_heard(self, turn: TurnState) -> None:
-        """Wait briefly for the device's played report, then keep only what was heard."""
+        """Wait briefly for the device's played report, then report what was heard."""
         turn_id = turn.turn_id
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(PLAYED_WAIT_S):
                 await turn.played_event.wait()
         heard = turn.heard_text(turn.played)
-        try:
-            await self.gateway.memory.record_heard(self.user_id, turn_id, heard)
-        except (RedisError, OSError, ValueError) as exc:
-            log.warning("could not store what was heard of turn %s: %s", turn_id, exc)
+        try:  # the LLM stage's memory keeps only this of the reply
+            await self.gateway.bus.publish(self.keys.queue("llm"), Heard(
+                session_id=self.session_id, turn_id=turn_id, user_id=self.user_id,
+                text=heard, played_samples=turn.played, sent_samples=turn.sent_samples,
+                traceparent=turn.traceparent))
+        except (RedisError, OSError) as exc:
+            log.warning("could not report what was heard of turn %s: %s", turn_id, exc)
         else:
             log.info("turn %s: the user heard %d of %d samples: %r", turn_id, turn.played,
                      turn.sent_samples, heard)

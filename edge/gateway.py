@@ -17,9 +17,9 @@ session's ``user_id`` (memory is keyed by it), whatever the device says later.
 * **Barge-in**: another task tails the cancel lane. When a turn of a session is
   cancelled (the VAD cancels the live turn when the user starts speaking), the
   gateway stops sending its audio at once, tells the device to ``flush``, waits
-  briefly for the device's ``played`` report, and stores in memory only the text
-  the user heard (``ConversationMemory.record_heard``). The time from the cancel
-  to the last audio byte sent is logged.
+  briefly for the device's ``played`` report, and reports the text the user heard
+  (a ``Heard`` event on the LLM queue: the LLM stage's memory keeps only that). The
+  time from the cancel to the last audio byte sent is logged.
 * **Continuation**: the first audio byte of a turn sent to the device is marked in
   ``keys.audible`` (turn and time), so the VAD can tell speech that came before the
   user heard anything (the turn goes on: the agent turn is cancelled with reason
@@ -65,7 +65,6 @@ from edge.bus_tap import OUT_BLOCK_MS, BusTap
 from edge.device_session import Closing, DeviceSession, TurnCancelledNotice
 from schemas import SessionStarted
 from workers.config import Config
-from workers.llm.memory import ConversationMemory
 from workers.observability.logs import log_context
 from workers.runtime.bus import Bus, connect
 from workers.runtime.cancel import CancelLane
@@ -88,8 +87,6 @@ class Gateway:
         self.bus = Bus(self.redis, self.keys, maxlen=config.redis.maxlen.model_dump())
         self.cancel = CancelLane(self.bus, config.redis.session_ttl_s)
         self.cancel.listeners.append(self._on_cancel)
-        self.memory = ConversationMemory(self.redis, config.redis.key_prefix, config.memory,
-                                         config.context_window, config.prompt_budget())
         self.secret = load_secret(config.gateway.secret, config.gateway.secret_file)
         self.sessions: dict[str, DeviceSession] = {}
         self.tasks: set[asyncio.Task[Any]] = set()

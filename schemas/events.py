@@ -199,6 +199,20 @@ class TurnCancelled(TurnEvent, frozen=True, kw_only=True, tag="turn_cancelled"):
     reason: Reason = ""
 
 
+class Heard(Event, frozen=True, kw_only=True, tag="heard"):
+    """What the user heard of a reply that was cut off (barge-in), as the device played
+    it: the gateway reports it, the LLM stage's memory keeps only that of the reply.
+
+    Not a ``TurnEvent``: it is about a cancelled turn, and the runtime skips the events
+    of cancelled turns."""
+
+    turn_id: Id
+    user_id: UserId = ""
+    text: Text  # the reply's words the device played (may be empty: nothing was heard)
+    played_samples: Annotated[int, Meta(ge=0)] = 0
+    sent_samples: Annotated[int, Meta(ge=0)] = 0
+
+
 class DeadLetter(Event, frozen=True, kw_only=True, tag="dead_letter"):
     """An entry a worker could not process, with the reason, for an operator."""
 
@@ -223,5 +237,6 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     TextChunk,
     AudioChunk,
     TurnCancelled,
+    Heard,
     DeadLetter,
 )

@@ -14,6 +14,7 @@ from schemas import (
     AudioFrame,
     DeadLetter,
     Event,
+    Heard,
     SchemaError,
     SessionEnded,
     SessionStarted,
@@ -42,6 +43,8 @@ SAMPLES = [
     TextChunk(session_id="s1", turn_id="t1", seq=2, text="Sure.", last=True),
     AudioChunk(session_id="s1", turn_id="t1", seq=3, sample_rate=24000, pcm=b"\0\0" * 24),
     TurnCancelled(session_id="s1", turn_id="t1", reason="barge-in"),
+    Heard(session_id="s1", turn_id="t1", user_id="u1", text="Sure, the",
+          played_samples=9600, sent_samples=48000),
     DeadLetter(stream="vb:q:asr", entry_id="1-0", group="asr", consumer="c",
                reason="undecodable", payload=b"\xc1"),
 ]

@@ -56,7 +56,7 @@ from typing import Any, cast
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from schemas import Event, TextChunk, Transcript
+from schemas import Event, Heard, TextChunk, Transcript
 from workers.backends.llm import ChatBackend, ChatMessage, LlmError, LlmTimeout, load_backend
 from workers.config import Config
 from workers.llm.memory import ConversationMemory, prompt_tokens
@@ -185,7 +185,7 @@ class _TokenWaiter:
                 pass
 
 
-def memory_user(event: Transcript) -> str:
+def memory_user(event: Transcript | Heard) -> str:
     """Whose memory a turn uses: the token's user, else the session alone."""
     return event.user_id or f"session:{event.session_id}"
 
@@ -215,6 +215,9 @@ class LlmStage:
                        first_words_max=self.config.word_chunk_max)
 
     async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
+        if isinstance(event, Heard):
+            await self._heard(ctx, event)
+            return
         if not isinstance(event, Transcript) or not event.final:
             return
         if event.failed or not event.text.strip():
@@ -263,6 +266,16 @@ class LlmStage:
             used = prompt_tokens(cast(list[dict[str, str]], messages))
             self._summarize_later(
                 user, full=used >= FULL_PROMPT_SHARE * self.full_config.prompt_budget())
+
+    async def _heard(self, ctx: Context, event: Heard) -> None:
+        """The reply was cut off: memory keeps only what the device played (the gateway's
+        report; before or after the reply itself is stored, ``record_heard`` handles
+        both). Redis errors propagate: the runtime retries the entry."""
+        user = memory_user(event)
+        changed = await self.memory(ctx).record_heard(user, event.turn_id, event.text)
+        log.info("turn %s: the user heard %d of %d samples (%s): %r", event.turn_id,
+                 event.played_samples, event.sent_samples,
+                 "stored" if changed else "kept for the reply", event.text)
 
     async def _prompt(self, ctx: Context, user: str, event: Transcript) -> list[ChatMessage]:
         try:

@@ -62,10 +62,12 @@ OnEmit = Callable[[list[Emit], MemoryCancels], Awaitable[None]]
 
 async def run_handler(handle: Handler, events: Iterable[Event], *,
                       cancels: MemoryCancels | None = None,
-                      on_emit: OnEmit | None = None) -> list[Emit]:
-    """Every event through ``handle`` in order, as one delivery each; all emits."""
+                      on_emit: OnEmit | None = None,
+                      redis: Any = None, keys: Keys | None = None) -> list[Emit]:
+    """Every event through ``handle`` in order, as one delivery each; all emits. With
+    ``redis`` (a real client: the bus tier) the handler keeps its state there."""
     cancels = cancels or MemoryCancels()
-    bus = MemoryBus()
+    bus = MemoryBus(keys or Keys(), redis if redis is not None else NoRedis())
     out: list[Emit] = []
     for i, event in enumerate(events):
         ctx = Context(bus, cancels, "test-consumer", "test-stream", f"{i + 1}-0", 1, event)
