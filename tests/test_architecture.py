@@ -94,6 +94,15 @@ def test_the_device_side_imports_only_schemas_the_protocol_and_itself(module: st
     assert offenders([module], lambda _, t: not (t in device or within(t, "schemas"))) == []
 
 
+def test_the_gateway_uses_no_stage_or_stage_helper() -> None:
+    # It talks to the stages through streams only (what was heard is a Heard event).
+    mods = [m for m in modules() if within(m, "edge")]
+
+    def bad(_: str, target: str) -> bool:
+        return target in STAGES or any(within(target, h) for h in STAGE_HELPERS.values())
+    assert offenders(mods, bad) == []
+
+
 def test_observability_and_the_runtime_use_no_launcher() -> None:
     mods = [m for m in modules() if within(m, "workers")]
     assert offenders(mods, lambda _, t: within(t, "voicebus")) == []
