@@ -66,7 +66,7 @@ from edge.device_session import Closing, DeviceSession, TurnCancelledNotice
 from schemas import SessionStarted
 from workers.config import Config
 from workers.observability.logs import log_context
-from workers.runtime.bus import Bus, connect
+from workers.runtime.bus import DELETE_IF_EQUAL, Bus, connect
 from workers.runtime.cancel import CancelLane
 from workers.runtime.keys import Keys
 
@@ -93,9 +93,7 @@ class Gateway:
         self.stop = asyncio.Event()
         self.tap = BusTap(self.reader, self.control_reader, self.cancel, self.stop)
         self.server: Server | None = None
-        self._unset = self.redis.register_script(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
-            "end return 0")
+        self._unset = self.redis.register_script(DELETE_IF_EQUAL)
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> tuple[str, int]:

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from workers.backends.llm import ChatBackend, ChatMessage, LlmError
 from workers.llm.memory import MAX_SUMMARY_BYTES, ConversationMemory
+from workers.runtime.bus import DELETE_IF_EQUAL
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,6 @@ INSTRUCTIONS = (
     "summary only."
 )
 
-# Deletes the lock only if it is still ours (it may have expired and been retaken).
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class Summarizer:
@@ -71,7 +67,7 @@ class Summarizer:
         self.system_prompt = system_prompt  # the live turns' (the request starts like them)
         self.idle_s = idle_s
         self.next_prompt = next_prompt  # the prompt to warm the server with afterwards
-        self._unlock = memory.redis.register_script(_UNLOCK)
+        self._unlock = memory.redis.register_script(DELETE_IF_EQUAL)
         self._turns = memory.keys.llm_turn_started()
 
     async def turn_started(self) -> None:

@@ -31,6 +31,13 @@ from workers.runtime.keys import Keys, StreamKind
 
 FIELD = b"e"  # the one field of every entry: the encoded event
 
+# KEYS[1] = a key; ARGV[1] = the value we set. Deletes it only if it still holds that
+# value (a lock or marker that may have expired and been set again by someone else).
+DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 _EMIT = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return false end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
