@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from workers.backends.audio import pcm16_to_float, resample
+from workers.backends.audio import MODEL_RATE, pcm16_to_float, resample
 from workers.backends.model_files import resolve_model
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000  # what Whisper models take
+SAMPLE_RATE = MODEL_RATE  # what Whisper models take
 MIN_RATE, MAX_RATE = 1_000, 384_000
 # Whisper's own test for a repeating decode (faster-whisper's compression_ratio_threshold).
 MAX_COMPRESSION = 2.4

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from workers.backends.assets import resolve_model
+from workers.backends.audio import MODEL_RATE
 from workers.backends.onnx import session
 
-RATE = 16_000
+RATE = MODEL_RATE
 SECONDS = 8
 N_FFT, HOP, N_MELS = 400, 160, 80
 

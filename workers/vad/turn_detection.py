@@ -68,12 +68,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.backends.audio import level_db
+from workers.backends.audio import MODEL_RATE, level_db
+from workers.backends.silero import WINDOW
 from workers.config import VadConfig
 from workers.vad.turn_text import TextVerdict, judge_text
 
-RATE = 16_000
-WINDOW = 512
+RATE = MODEL_RATE
 PREROLL = RATE * 3 // 10  # audio kept before the first speech window (soft onsets)
 TAIL = RATE // 10  # audio kept after the last speech window
 STOP_THRESHOLD_GAP = 0.15  # hysteresis: speech continues down to threshold - gap
