@@ -104,7 +104,7 @@ class _Session:
     async def open(self, sample_rate: int) -> None:
         """Send ``start``, wait for ``ready``, open the speaker at the gateway's rate."""
         try:
-            await self.ws.send(protocol.dump({"type": "start", "sample_rate": sample_rate}))
+            await self.ws.send(protocol.dump(protocol.Start(sample_rate)))
             async with asyncio.timeout(READY_TIMEOUT_S):
                 while True:
                     message = await self.ws.recv()
@@ -237,8 +237,7 @@ class _Session:
 
     async def _report(self, turn: _Turn, played: int) -> None:
         turn.result.played_samples = played
-        await self.ws.send(protocol.dump({"type": "played", "turn_id": turn.result.turn_id,
-                                          "samples": played}))
+        await self.ws.send(protocol.dump(protocol.Played(turn.result.turn_id, played)))
 
     async def tick(self) -> None:
         """Once a frame: finish the turns that have played out, report progress."""
@@ -426,7 +425,7 @@ async def _converse(session: _Session, stream: Callable[[_Session], Awaitable[No
         try:
             await stream(session)
             session.stopping = True
-            await session.ws.send(protocol.dump({"type": "stop"}))
+            await session.ws.send(protocol.dump(protocol.Stop()))
         except ConnectionClosed:
             raise session.closed_error() from None
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
@@ -149,8 +149,7 @@ class DeviceSession:
                 turn.continues = event.continues
             if continued is not None and continued.speech_start_ns is not None:
                 turn.speech_start_ns = continued.speech_start_ns  # the whole utterance
-            await self.send_json({"type": "speech_started", "turn_id": turn_id,
-                                  "continues": event.continues})
+            await self.send(protocol.SpeechStartedMessage(turn_id, event.continues))
             return
         if isinstance(event, TurnEnded):
             if not event.tentative and turn.held:  # the commit: its reply may play now
@@ -165,15 +164,14 @@ class DeviceSession:
             turn.speech_end_ns = self.wall_ns(event.speech_end_ms)
         elif isinstance(event, Transcript) and event.final:
             turn.transcript_ns = event.created_ns
-            await self.send_json({"type": "transcript", "turn_id": turn_id, "text": event.text,
-                                  "final": True, "failed": event.failed})
+            await self.send(protocol.TranscriptMessage(turn_id, event.text, final=True,
+                                                       failed=event.failed))
         elif isinstance(event, TextChunk):
             turn.first_text_ns = turn.first_text_ns or event.created_ns
             if event.ttft_ms is not None:
                 turn.llm_ttft_ms = event.ttft_ms
             turn.texts[event.seq] = event.text
-            await self.send_json({"type": "reply", "turn_id": turn_id, "seq": event.seq,
-                                  "text": event.text, "last": event.last})
+            await self.send(protocol.Reply(turn_id, event.seq, event.text, event.last))
         elif isinstance(event, AudioChunk):
             await self.on_audio(turn, event)
 
@@ -225,8 +223,7 @@ class DeviceSession:
         if self.current is not turn or not turn.announced:
             self.current = turn
             turn.announced, turn.sample_rate = True, part.sample_rate
-            await self.send_json({"type": "audio", "turn_id": turn.turn_id,
-                                  "sample_rate": part.sample_rate})
+            await self.send(protocol.Audio(turn.turn_id, part.sample_rate))
         if turn.first_sent_ns is None:
             turn.first_sent_ns = time.time_ns()
             self.gateway.spawn(self.mark_audible(turn))
@@ -247,7 +244,7 @@ class DeviceSession:
         if turn.done:
             return
         turn.done = True
-        await self.send_json(turn_done_message(turn, interrupted))
+        await self.send(turn_done_message(turn, interrupted))
         outcome = ("continued" if turn.continued else "cut off" if interrupted else "sent")
         with log_context(session_id=self.session_id, turn_id=turn.turn_id):
             log.info("turn %s %s: %s", turn.turn_id, outcome, turn.latency_ms())
@@ -283,8 +280,7 @@ class DeviceSession:
         # then store what was heard (in the background: the next turn goes on). A
         # continued turn stores nothing: the LLM stage drops its reply from memory.
         turn.played_event.clear()
-        await self.send_json({"type": "flush", "turn_id": turn_id,
-                              "reason": "continued" if continued else "barge-in"})
+        await self.send(protocol.Flush(turn_id, "continued" if continued else "barge-in"))
         log.info("%s on turn %s: audio stopped %.1f ms after the cancel arrived "
                  "(%d samples had been sent)", "continuation" if continued else "barge-in",
                  turn_id, (time.monotonic() - cancelled_at) * 1000, turn.sent_samples)
@@ -316,7 +312,7 @@ class DeviceSession:
         with contextlib.suppress(RedisError, OSError):
             await self.gateway.unset_if(key, turn.turn_id)
 
-    async def send_json(self, message: dict[str, Any]) -> None:
+    async def send(self, message: protocol.GatewayMessage) -> None:
         with contextlib.suppress(ConnectionClosed):
             await self.ws.send(protocol.dump(message))
 

@@ -153,7 +153,7 @@ class Gateway:
             if isinstance(first, bytes):
                 raise Closing(protocol.CLOSE_POLICY, "the first message must be start")
             start = protocol.parse_device_message(first)
-            if start["type"] != "start" or not 8000 <= start["sample_rate"] <= 48000:
+            if not isinstance(start, protocol.Start) or not 8000 <= start.sample_rate <= 48000:
                 raise Closing(protocol.CLOSE_POLICY,
                               "the first message must be start with 8000 <= sample_rate <= 48000")
         except TimeoutError:
@@ -167,7 +167,7 @@ class Gateway:
             return
         except ConnectionClosed:
             return
-        session = DeviceSession(self, ws, user, start["sample_rate"])
+        session = DeviceSession(self, ws, user, start.sample_rate)
         sid = session.session_id
         self.sessions[sid] = session
         self.tap.follow(self.keys.out(sid), session.inbox.put_nowait)
@@ -179,21 +179,20 @@ class Gateway:
                 await self.bus.publish(self.keys.sessions(), SessionStarted(
                     session_id=sid, user_id=user, sample_rate=session.rate))
                 log.info("device connected: user %s, %d Hz", user, session.rate)
-                await session.send_json({
-                    "type": "ready", "session_id": sid, "user_id": user,
-                    "out_rate": self.config.tts.sample_rate, "version": protocol.VERSION,
-                    "limits": {"max_frame_bytes": cfg.max_frame_bytes,
-                               "max_frames_per_s": cfg.max_frames_per_s,
-                               "max_session_s": cfg.max_session_s,
-                               "idle_timeout_s": cfg.idle_timeout_s}})
+                await session.send(protocol.Ready(
+                    session_id=sid, user_id=user, out_rate=self.config.tts.sample_rate,
+                    limits={"max_frame_bytes": cfg.max_frame_bytes,
+                            "max_frames_per_s": cfg.max_frames_per_s,
+                            "max_session_s": cfg.max_session_s,
+                            "idle_timeout_s": cfg.idle_timeout_s}))
                 async for message in ws:
                     if isinstance(message, bytes):
                         await session.on_frame(message)
                         continue
                     parsed = protocol.parse_device_message(message)
-                    if parsed["type"] == "played":
-                        session.on_played(parsed["turn_id"], parsed["samples"])
-                    elif parsed["type"] == "stop":
+                    if isinstance(parsed, protocol.Played):
+                        session.on_played(parsed.turn_id, parsed.samples)
+                    elif isinstance(parsed, protocol.Stop):
                         reason = "device said stop"
                         await ws.close(protocol.CLOSE_NORMAL, "bye")
                         break
@@ -205,12 +204,12 @@ class Gateway:
                 # Keep reading (and dropping) what the device still sends: a flooding
                 # device is blocked on a full socket and would never see our close.
                 drain = self.spawn(_drain(ws))
-                await session.send_json({"type": "error", "reason": exc.reason})
+                await session.send(protocol.Error(exc.reason))
                 await ws.close(exc.code, exc.reason)
                 drain.cancel()
             except protocol.ProtocolError as exc:
                 reason = f"protocol error: {exc}"
-                await session.send_json({"type": "error", "reason": reason})
+                await session.send(protocol.Error(reason))
                 await ws.close(protocol.CLOSE_POLICY, reason[:120])
             except ConnectionClosed:
                 pass
@@ -238,7 +237,7 @@ class Gateway:
             else:
                 continue
             log.info("closing session %s: %s", session.session_id, reason)
-            await session.send_json({"type": "error", "reason": reason})
+            await session.send(protocol.Error(reason))
             await session.ws.close(code, reason)
             return
 

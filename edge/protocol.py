@@ -41,13 +41,19 @@ Close codes (with a reason text): 1000 normal, 1008 policy (bad message), 1009 f
 too large, 4002 session too long, 4003 idle too long, 4008 too many frames per
 second, 1011 server error.
 
+Each control message is a frozen dataclass here (``Start``, ``Played``, ``Stop`` from
+the device; ``Ready``, ``SpeechStartedMessage``, ``TranscriptMessage``, ``Reply``,
+``Audio``, ``Flush``, ``TurnDone``, ``Error`` from the gateway); ``dump`` writes one,
+``parse_device_message`` checks and reads what a device sent.
+
 This module is stdlib-only: the device side imports it.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Final
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Final
 
 VERSION: Final = 1
 PATH: Final = "/v1/session"
@@ -60,24 +66,113 @@ CLOSE_SESSION_TOO_LONG: Final = 4002
 CLOSE_IDLE: Final = 4003
 CLOSE_RATE: Final = 4008
 
-# Messages a device may send, and the fields each must have (with their types).
-DEVICE_MESSAGES: Final[dict[str, dict[str, type | tuple[type, ...]]]] = {
-    "start": {"sample_rate": int},
-    "played": {"turn_id": str, "samples": int},
-    "stop": {},
-}
-
-
 class ProtocolError(ValueError):
     """A message that breaks the protocol; the text says what is wrong."""
 
 
-def dump(message: dict[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"))
+# -- the control messages, one struct each (stdlib dataclasses: the device imports this) --
+@dataclass(frozen=True)
+class Start:
+    sample_rate: int
+    type: ClassVar[str] = "start"
 
 
-def parse_device_message(text: str | bytes, max_bytes: int = 4096) -> dict[str, Any]:
-    """A device's JSON message, checked: a dict with a known type and typed fields."""
+@dataclass(frozen=True)
+class Played:
+    turn_id: str
+    samples: int
+    type: ClassVar[str] = "played"
+
+
+@dataclass(frozen=True)
+class Stop:
+    type: ClassVar[str] = "stop"
+
+
+DeviceMessage = Start | Played | Stop
+DEVICE_MESSAGES: Final[dict[str, type[DeviceMessage]]] = {
+    m.type: m for m in (Start, Played, Stop)}
+
+
+@dataclass(frozen=True)
+class Ready:
+    session_id: str
+    user_id: str
+    out_rate: int
+    limits: dict[str, float]
+    version: int = VERSION
+    type: ClassVar[str] = "ready"
+
+
+@dataclass(frozen=True)
+class SpeechStartedMessage:
+    turn_id: str
+    continues: str = ""  # the dropped turn this speech goes on with
+    type: ClassVar[str] = "speech_started"
+
+
+@dataclass(frozen=True)
+class TranscriptMessage:
+    turn_id: str
+    text: str
+    final: bool = True
+    failed: bool = False
+    type: ClassVar[str] = "transcript"
+
+
+@dataclass(frozen=True)
+class Reply:
+    turn_id: str
+    seq: int
+    text: str
+    last: bool = False
+    type: ClassVar[str] = "reply"
+
+
+@dataclass(frozen=True)
+class Audio:
+    turn_id: str
+    sample_rate: int
+    type: ClassVar[str] = "audio"
+
+
+@dataclass(frozen=True)
+class Flush:
+    turn_id: str
+    reason: str  # "barge-in" or "continued"
+    type: ClassVar[str] = "flush"
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    turn_id: str
+    interrupted: bool
+    continued: bool
+    continues: str
+    trace_id: str
+    rule: str
+    latency_ms: dict[str, float]
+    type: ClassVar[str] = "turn_done"
+
+
+@dataclass(frozen=True)
+class Error:
+    reason: str
+    type: ClassVar[str] = "error"
+
+
+GatewayMessage = (Ready | SpeechStartedMessage | TranscriptMessage | Reply | Audio | Flush
+                  | TurnDone | Error)
+Message = DeviceMessage | GatewayMessage
+
+
+def dump(message: Message) -> str:
+    """A message as it goes on the wire: its fields and its ``type``."""
+    return json.dumps({"type": message.type, **asdict(message)}, separators=(",", ":"))
+
+
+def parse_device_message(text: str | bytes, max_bytes: int = 4096) -> DeviceMessage:
+    """A device's JSON message, checked: a known type with its fields, typed."""
     if len(text) > max_bytes:
         raise ProtocolError(f"control message of {len(text)} bytes (at most {max_bytes})")
     try:
@@ -87,13 +182,16 @@ def parse_device_message(text: str | bytes, max_bytes: int = 4096) -> dict[str, 
     if not isinstance(message, dict):
         raise ProtocolError("a control message must be a JSON object")
     kind = message.get("type")
-    fields = DEVICE_MESSAGES.get(kind) if isinstance(kind, str) else None
-    if fields is None:
+    cls = DEVICE_MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
         raise ProtocolError(f"unknown message type {kind!r} "
                             f"(expected one of {', '.join(DEVICE_MESSAGES)})")
-    for name, types in fields.items():
-        value = message.get(name)
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise ProtocolError(f"{kind}: field {name!r} must be "
-                                f"{getattr(types, '__name__', types)}, got {value!r}")
-    return message
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        value = message.get(f.name)
+        want = {"int": int, "str": str}[str(f.type)]
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise ProtocolError(f"{kind}: field {f.name!r} must be {want.__name__}, "
+                                f"got {value!r}")
+        values[f.name] = value
+    return cls(**values)

@@ -11,15 +11,15 @@ import redis.asyncio as aioredis
 from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 
+from edge import protocol
 from edge.turn_state import TurnState
 from workers.observability import metrics, semconv, telemetry
 from workers.runtime.keys import Keys
 
 
-def turn_done_message(turn: TurnState, interrupted: bool) -> dict[str, Any]:
-    return {"type": "turn_done", "turn_id": turn.turn_id, "interrupted": interrupted,
-            "continued": turn.continued, "continues": turn.continues,
-            "trace_id": turn.trace_id, "rule": turn.rule, "latency_ms": turn.latency_ms()}
+def turn_done_message(turn: TurnState, interrupted: bool) -> protocol.TurnDone:
+    return protocol.TurnDone(turn.turn_id, interrupted, turn.continued, turn.continues,
+                             turn.trace_id, turn.rule, turn.latency_ms())
 
 
 async def record_latency(redis: aioredis.Redis, keys: Keys, turn: TurnState,
