@@ -11,7 +11,7 @@
   cache: ``workers.llm.prompt_window``), then the user's words. The user's
   words are stored before the model is asked; the reply is stored when it ends, as
   what was *spoken*: a cancelled turn stores only the chunks already sent, marked
-  interrupted (the gateway narrows that to what was played, via
+  interrupted (the gateway's ``Heard`` report narrows it to what was played, via
   ``ConversationMemory.record_heard``). A transcript that *continues* a turn (the
   user went on before hearing its reply) replaces that turn's messages with the
   whole utterance, and a reply cancelled as ``continued`` is not stored at all.
@@ -29,17 +29,11 @@
   ``last=True`` ends the reply: chunks are never held back to learn which is last,
   as that would delay every sentence by the next one. TTS and the gateway treat an
   empty last chunk as "the reply ended".
-* **Failures** (never silence): no first token within ``llm.timeout`` -> the apology
-  (``llm.apology``) is the reply (seq 0, last). An HTTP error, an empty reply, or a
-  stream that broke off *before anything was emitted* -> the request is retried once (with a fresh
-  ``llm.timeout`` for its first token), then the apology. A stream that breaks off or
-  stalls for ``llm.timeout`` *after* chunks were emitted -> what was spoken stays,
-  nothing is repeated or apologised mid-sentence: the text still buffered (a partial
-  sentence the model did produce) goes out as the last chunk, and a warning is
-  logged. A first-token timeout is not retried: the user has waited long enough.
-* **Cancellation**: every wait for a token is raced against the turn's cancel event;
-  on cancel the stream is closed at once (the server stops generating) and nothing
-  more is emitted.
+* **Failures** (never silence) and **cancellation**: ``workers.llm.reply`` streams the
+  reply as chunks to speak around the backend: a first-token timeout -> the apology; an
+  error, an empty reply or a break before anything was spoken -> one retry, then the
+  apology; a break after chunks were spoken keeps them and ends the reply; a cancel
+  closes the stream at once.
 * **Metrics**: one log line per turn with time-to-first-token, tokens (deltas) and
   tokens/s, chunks and how it ended.
 """
@@ -48,20 +42,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from schemas import Event, Heard, TextChunk, Transcript
-from workers.backends.llm import ChatBackend, ChatMessage, LlmError, LlmTimeout, load_backend
+from workers.backends.llm import ChatBackend, ChatMessage, load_backend
 from workers.config import Config
 from workers.llm.memory import ConversationMemory, prompt_tokens
+from workers.llm.reply import ReplyStats, speak
 from workers.llm.summarizer import Summarizer
-from workers.observability import metrics, semconv
+from workers.observability import semconv
 from workers.runtime import Context, Emit, JobStage
 from workers.text.chunking import Chunker
 
@@ -71,7 +64,6 @@ SAY_AGAIN = "Sorry, could you say that again?"
 # A prompt this full (of its token budget) is summarized after the reply, whatever the
 # message count, before the window would have to drop history nobody summarized.
 FULL_PROMPT_SHARE = 0.8
-RETRY_PAUSE_S = 0.05  # before the one retry of a request that failed before any token
 
 
 def build_messages(system_prompt: str, text: str,
@@ -86,103 +78,6 @@ def build_messages(system_prompt: str, text: str,
     messages.extend(history)
     messages.append({"role": "user", "content": text})
     return messages
-
-
-class _Cancelled(Exception):
-    """The turn was cancelled while waiting for a token."""
-
-
-class _Stalled(Exception):
-    """No token within the allowed time."""
-
-
-_END = object()
-
-
-@dataclass
-class _Turn:
-    """What happened in one turn: for the metrics line and the decisions."""
-
-    started: float = field(default_factory=time.perf_counter)
-    first_token: float | None = None
-    last_token: float | None = None
-    tokens: int = 0
-    chunks: int = 0  # TextChunks emitted (the seq of the next one)
-    attempts: int = 0
-    got_token: bool = False  # this attempt has had a token
-    spoken: list[str] = field(default_factory=list)  # texts of the chunks emitted
-    outcome: str = ""  # "ok", "broken", "apology", "cancelled"
-
-    def ttft_ms(self) -> float | None:
-        if self.first_token is None:
-            return None
-        return round((self.first_token - self.started) * 1000, 1)
-
-    def tokens_per_s(self) -> float | None:
-        """Decoding speed after the first token."""
-        if self.first_token is None:
-            return None
-        span = (self.last_token or self.first_token) - self.first_token
-        return round((self.tokens - 1) / span, 1) if span > 0 and self.tokens > 1 else None
-
-    def metrics(self, outcome: str) -> str:
-        if self.first_token is None:
-            return (f"ttft - ms, 0 tokens, {self.chunks} chunks, {self.attempts} attempt(s): "
-                    f"{outcome}")
-        ttft = (self.first_token - self.started) * 1000
-        span = (self.last_token or self.first_token) - self.first_token
-        rate = self.tokens_per_s()
-        return (f"ttft {ttft:.0f} ms, {self.tokens} tokens in {span:.2f} s "
-                f"({rate if rate is not None else '-'} tokens/s), "
-                f"{self.chunks} chunks, {self.attempts} attempt(s): {outcome}")
-
-
-class _TokenWaiter:
-    """Reads one backend stream, each wait raced against a deadline and the cancel event."""
-
-    def __init__(self, stream: AsyncIterator[str], cancelled: asyncio.Future[Any]) -> None:
-        self.stream = stream
-        self.cancelled = cancelled
-        self._pending: asyncio.Future[str] | None = None
-        self._closed = False
-
-    async def next(self, seconds: float) -> object:
-        """The next delta, or ``_END``; raises _Cancelled, _Stalled or the backend's error."""
-        if self.cancelled.done():
-            raise _Cancelled
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(anext(self.stream))
-        pending = self._pending
-        both: set[asyncio.Future[Any]] = {pending, self.cancelled}
-        await asyncio.wait(both, timeout=max(seconds, 0.0),
-                           return_when=asyncio.FIRST_COMPLETED)
-        if not pending.done():
-            if self.cancelled.done():
-                raise _Cancelled
-            raise _Stalled
-        self._pending = None
-        try:
-            return pending.result()
-        except StopAsyncIteration:
-            return _END
-
-    async def close(self) -> None:
-        """Close the stream (and its HTTP response) now, whatever state it is in."""
-        if self._closed:
-            return
-        self._closed = True
-        pending, self._pending = self._pending, None
-        if pending is not None and not pending.done():
-            pending.cancel()  # the generator's finally closes the response
-            await asyncio.wait({pending})
-        if pending is not None and pending.done() and not pending.cancelled():
-            pending.exception()  # retrieved: no "exception never retrieved" warning
-        aclose = getattr(self.stream, "aclose", None)
-        if aclose is not None:
-            try:
-                await aclose()
-            except (RuntimeError, LlmError):  # closing a generator that already failed
-                pass
 
 
 def memory_user(event: Transcript | Heard) -> str:
@@ -244,7 +139,7 @@ class LlmStage:
         else:
             messages = await self._prompt(ctx, user, event)
             await self._remember(ctx, user, event, "user", event.text)
-        turn = _Turn()
+        turn = ReplyStats()
         async for emit in self._reply(event, ctx, messages, turn):
             yield emit
         ttft, rate = turn.ttft_ms(), turn.tokens_per_s()
@@ -322,113 +217,12 @@ class LlmStage:
         task.add_done_callback(self._background.discard)
 
     async def _reply(self, event: Transcript, ctx: Context, messages: list[ChatMessage],
-                     turn: _Turn) -> AsyncIterator[Emit]:
-        cancel_event = ctx.cancel_event()
-        cancelled = asyncio.ensure_future(cancel_event.wait())
-        cfg = self.config
-        waiter: _TokenWaiter | None = None
-        try:
-            while True:
-                turn.attempts += 1
-                chunker = self.chunker()
-                waiter = _TokenWaiter(self.backend.stream(
-                    messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature), cancelled)
-                deadline = time.perf_counter() + cfg.timeout  # for this attempt's first token
-                failure: str | None = None
-                try:
-                    while True:
-                        wait = (cfg.timeout if turn.got_token
-                                else deadline - time.perf_counter())
-                        token = await waiter.next(wait)
-                        if token is _END:
-                            break
-                        assert isinstance(token, str)
-                        now = time.perf_counter()
-                        if turn.first_token is None:
-                            turn.first_token = now
-                        turn.got_token = True
-                        turn.last_token = now
-                        turn.tokens += 1
-                        for text in chunker.push(token):
-                            if ctx.cancelled():
-                                raise _Cancelled
-                            for emit in _chunk(ctx, event, turn.chunks, text, last=False,
-                                               ttft_ms=turn.ttft_ms()):
-                                yield emit
-                            turn.chunks += 1
-                            turn.spoken.append(text)
-                        if ctx.cancelled():
-                            raise _Cancelled
-                except _Cancelled:
-                    await waiter.close()
-                    turn.outcome = "cancelled"
-                    log.info("llm turn cancelled; stream closed. %s", turn.metrics("cancelled"))
-                    return
-                except _Stalled:
-                    failure = (f"no token for {cfg.timeout:.1f} s" if turn.got_token
-                               else f"no first token within {cfg.timeout:.1f} s")
-                    timed_out = not turn.got_token
-                except LlmTimeout as exc:  # the client's own timeout said the same
-                    failure, timed_out = str(exc), not turn.got_token
-                except Exception as exc:  # LlmError, or anything a backend let through
-                    if not isinstance(exc, LlmError):
-                        log.warning("llm backend raised %r", exc, exc_info=True)
-                    failure, timed_out = f"{type(exc).__name__}: {exc}", False
-                await waiter.close()
-                rest = chunker.flush() if failure is None else []
-                if failure is None and not rest and not turn.chunks:
-                    # Nothing to say is a failure, not a reply: the user would hear silence.
-                    failure, timed_out = "the model's reply was empty", False
-                if failure is None:  # the stream ended normally
-                    turn.outcome = "ok"
-                    for emit in self._finish(ctx, event, turn, rest):
-                        yield emit
-                    log.info("llm turn done: %s", turn.metrics("ok"))
-                    return
-                if turn.chunks:  # something was spoken: keep it, repeat nothing
-                    spoken = turn.chunks
-                    turn.outcome = "broken"
-                    for emit in self._finish(ctx, event, turn, chunker.flush()):
-                        yield emit
-                    log.warning("llm stream broke off after %d chunks (%s); ending the reply "
-                                "with what was received. %s", spoken, failure,
-                                turn.metrics("broken"))
-                    return
-                if ctx.cancelled():
-                    turn.outcome = "cancelled"
-                    log.info("llm turn cancelled; stream closed. %s", turn.metrics("cancelled"))
-                    return
-                if timed_out or turn.attempts >= 2:
-                    log.warning("llm failed (%s); speaking the apology. %s", failure,
-                                turn.metrics("apology"))
-                    for emit in _chunk(ctx, event, 0, cfg.apology, last=True):
-                        yield emit
-                    turn.chunks += 1
-                    turn.spoken.append(cfg.apology)
-                    turn.outcome = "apology"
-                    metrics.fallbacks.add(1, {"kind": "llm_apology"})
-                    return
-                log.warning("llm failed before anything was spoken (%s); retrying once", failure)
-                turn.got_token = False
-                await asyncio.sleep(RETRY_PAUSE_S)
-                if ctx.cancelled():
-                    turn.outcome = "cancelled"
-                    return
-        finally:  # also when the runtime abandons the entry (lease lost, shutdown)
-            cancelled.cancel()
-            if waiter is not None:
-                await waiter.close()
-
-    @staticmethod
-    def _finish(ctx: Context, event: Transcript, turn: _Turn, rest: list[str]) -> Iterator[Emit]:
-        """The chunks left at the end, the final one ``last``; an empty last chunk if none."""
-        if ctx.cancelled():
-            return
-        for i, text in enumerate(rest or [""]):
-            yield from _chunk(ctx, event, turn.chunks, text, last=i == max(len(rest), 1) - 1,
-                              ttft_ms=turn.ttft_ms())
-            turn.chunks += 1
-            turn.spoken.append(text)
+                     turn: ReplyStats) -> AsyncIterator[Emit]:
+        async for spoken in speak(self.backend, self.config, messages, self.chunker,
+                                  ctx.cancel_event(), ctx.cancelled, turn):
+            for emit in _chunk(ctx, event, spoken.seq, spoken.text, last=spoken.last,
+                               ttft_ms=spoken.ttft_ms):
+                yield emit
 
 
 def _chunk(ctx: Context, event: Transcript, seq: int, text: str, *, last: bool,
