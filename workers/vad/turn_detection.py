@@ -3,12 +3,8 @@
 Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
 (sample counts), so the result never depends on machine load:
 
-* **Speech** per window: Silero P(speech) >= ``speech_threshold`` (with
-  hysteresis), and, when quality gating is on, enough power above a tracked
-  noise floor (``min_snr``) in an input that is not hopelessly noisy
-  (``max_noise_level``). The noise floor is the quietest window of the last
-  ~3 s (minimum statistics): pauses between words reach it, a steady hum or fan
-  becomes it, and it needs no help from the VAD, which such noise can fool.
+* **Speech** per window: ``workers.vad.speech_gate`` (Silero with hysteresis, and a
+  tracked noise floor that a steady hum cannot fool).
 * **A turn starts** once it holds ``min_turn_speech`` of speech; anything shorter
   that fades out is a blip (cough, click) and never becomes a turn or a barge-in.
 * **A turn ends** at a pause. At ``trigger_silence`` the detector sends ASR a
@@ -62,80 +58,32 @@ probability (and the transcript, when it has one) back with ``judged``.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from workers.backends.audio import MODEL_RATE, level_db
+from workers.backends.audio import MODEL_RATE
 from workers.backends.silero import WINDOW
 from workers.config import VadConfig
+from workers.vad.actions import (
+    Action,
+    Blip,
+    Commit,
+    NeedsTurnCheck,
+    Resumed,
+    SpeechStart,
+    SpeechStop,
+    TurnEnd,
+)
+from workers.vad.speech_gate import SpeechGate
 from workers.vad.turn_text import TextVerdict, judge_text
 
 RATE = MODEL_RATE
+__all__ = ["RATE", "WINDOW", "Action", "Blip", "Commit", "NeedsTurnCheck", "Resumed",
+           "SpeechStart", "SpeechStop", "TurnDetector", "TurnEnd", "seconds"]
 PREROLL = RATE * 3 // 10  # audio kept before the first speech window (soft onsets)
 TAIL = RATE // 10  # audio kept after the last speech window
-STOP_THRESHOLD_GAP = 0.15  # hysteresis: speech continues down to threshold - gap
-FLOOR_WINDOWS = 94  # ~3 s of levels for the noise-floor minimum
-
-
-@dataclass(frozen=True)
-class SpeechStart:
-    at: int  # sample where speech began (audio time)
-
-
-@dataclass(frozen=True)
-class SpeechStop:
-    at: int  # end of the last speech window
-
-
-@dataclass(frozen=True)
-class NeedsTurnCheck:
-    audio: np.ndarray  # the turn so far, at most max_audio seconds, pause included
-
-
-@dataclass(frozen=True)
-class TurnEnd:
-    start: int  # first speech sample
-    speech_end: int  # end of the last speech window
-    decided: int  # audio time of the decision
-    rule: str
-    probability: float | None
-    audio: np.ndarray  # the utterance, with a little audio before and after
-    speculative: bool = False  # a guess at a pause, for ASR to start on; the turn may go on
-    text_verdict: str = ""  # what the transcript at the deciding pause said, and why
-    tentative: bool = False  # ended before the text's verdict: a ``Commit`` follows
-
-    @property
-    def delay_ms(self) -> int:
-        """How long after the last speech the decision came."""
-        return (self.decided - self.speech_end) * 1000 // RATE
-
-
-@dataclass(frozen=True)
-class Blip:
-    start: int
-    speech: int  # samples of speech it held
-
-
-@dataclass(frozen=True)
-class Commit:
-    """The tentatively ended turn is over for good: its reply may be played."""
-
-    decided: int  # audio time of the commit
-    rule: str  # "text" (the transcript agreed) or "silence_timeout"
-    text_verdict: str
-
-
-@dataclass(frozen=True)
-class Resumed:
-    """The user went on after a pause inside their turn (what ``stretch`` learns from)."""
-
-    pause: int  # samples of silence between the two runs of speech
-
-
-Action = SpeechStart | SpeechStop | NeedsTurnCheck | TurnEnd | Blip | Resumed | Commit
 
 
 @dataclass
@@ -159,7 +107,7 @@ def seconds(value: float) -> int:
 class TurnDetector:
     def __init__(self, config: VadConfig, speech_probability: Callable[[np.ndarray], float]):
         self.cfg = config
-        self.vad = speech_probability
+        self.gate = SpeechGate(config, speech_probability)
         self.use_model = config.type in ("hybrid", "smart_turn")
         self.use_text = config.endpointing.text and config.speculative_asr
         fb, st = config.fallback, config.smart_turn
@@ -180,8 +128,6 @@ class TurnDetector:
         self.stretch = 1.0
 
         self.pos = 0  # samples consumed
-        self._levels: deque[float] = deque(maxlen=FLOOR_WINDOWS)
-        self._speaking = False  # window-level speech state (with hysteresis)
         self._audio: list[np.ndarray] = []  # pre-roll while idle, the turn while active
         self._audio_start = 0  # sample index of _audio[0]
         self._ended: _Ended | None = None  # the last turn, while it may still be continued
@@ -213,7 +159,7 @@ class TurnDetector:
         start = self.pos
         self.pos += WINDOW
         self._keep(window, start)
-        is_speech = self._is_speech(window)
+        is_speech = self.gate.is_speech(window)
         actions.extend(self._on_speech(start) if is_speech else self._on_silence())
         return actions
 
@@ -267,7 +213,7 @@ class TurnDetector:
     @property
     def noise_db(self) -> float:
         """The tracked noise floor, dBFS."""
-        return min(self._levels) if self._levels else -100.0
+        return self.gate.noise_db
 
     # -- the rule table ----------------------------------------------------
     def _wait(self, probability: float | None, verdict: TextVerdict | None,
@@ -339,22 +285,6 @@ class TurnDetector:
         return Commit(self.pos, rule, _describe(ended.verdict))
 
     # -- speech / silence ------------------------------------------------
-    def _is_speech(self, window: np.ndarray) -> bool:
-        prob = self.vad(window)
-        level = level_db(window)
-        threshold = self.cfg.speech_threshold
-        if self._speaking:
-            threshold = max(0.05, threshold - STOP_THRESHOLD_GAP)
-        voiced = prob >= threshold
-        self._levels.append(level)
-        gate = self.cfg.quality_gating
-        if voiced and gate.enabled:
-            snr = 1.0 - 10.0 ** (-(level - self.noise_db) / 10.0)
-            too_noisy = 10.0 ** (self.noise_db / 20.0) > gate.max_noise_level
-            voiced = snr >= gate.min_snr and not too_noisy
-        self._speaking = voiced
-        return voiced
-
     def _on_speech(self, start: int) -> list[Action]:
         actions: list[Action] = []
         if self.turn_start is None:
