@@ -47,7 +47,7 @@ from edge.auth import mint  # noqa: E402
 from edge.client import TurnResult, talk_wavs  # noqa: E402
 from edge.errors import ClientError  # noqa: E402
 from voicebus.traces import read_spans  # noqa: E402
-from workers.config import load_config  # noqa: E402
+from workers.config_load import load_config  # noqa: E402
 from workers.observability import semconv  # noqa: E402
 from workers.observability.metrics import percentile  # noqa: E402
 

@@ -75,7 +75,8 @@ from workers.backends.asr import AsrResult, Recognizer, load_recognizer  # noqa:
 from workers.backends.audio import float_to_pcm16, pcm16_to_float, resample  # noqa: E402
 from workers.backends.llm import ChatMessage, OpenAIChat  # noqa: E402
 from workers.backends.tts import load_backend  # noqa: E402
-from workers.config import Config, load_config  # noqa: E402
+from workers.config import Config  # noqa: E402
+from workers.config_load import load_config  # noqa: E402
 from workers.llm_worker import SAY_AGAIN  # noqa: E402
 from workers.observability.metrics import percentile as interpolated  # noqa: E402
 from workers.runtime.bus import FIELD, Bus, connect, read  # noqa: E402

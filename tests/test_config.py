@@ -7,7 +7,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from workers.config import Config, ConfigError, load_config
+from workers.config import Config
+from workers.config_load import ConfigError, load_config
 
 ROOT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 

@@ -11,7 +11,7 @@ import yaml
 
 from tests.conftest import ROOT
 from voicebus.cli import _parser
-from workers.config import load_config
+from workers.config_load import load_config
 
 DEPLOY = ROOT / "deploy"
 

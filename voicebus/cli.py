@@ -15,7 +15,8 @@ from pathlib import Path
 from voicebus.local_llm import LocalLlmError
 from voicebus.redis_server import RedisLaunchError
 from workers import stages
-from workers.config import Config, ConfigError, load_config
+from workers.config import Config
+from workers.config_load import ConfigError, load_config
 from workers.observability.logs import setup_logging
 
 log = logging.getLogger("voicebus")
