@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edge.client import TurnResult
+    from edge.client_session import TurnResult
 
 
 class ClientError(Exception):
