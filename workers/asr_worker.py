@@ -23,25 +23,19 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 from opentelemetry import trace
-from redis.exceptions import RedisError
 
 from schemas import Event, Transcript, TurnEnded
 from workers.backends.asr import AsrInputError, AsrResult, Recognizer, load_recognizer
 from workers.config import Config
 from workers.observability import semconv
 from workers.runtime import Context, Emit, JobStage
+from workers.runtime.shared_result import SharedResult
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-PENDING = b"pending"  # a speculative-cache value while its transcription runs
-LEASE_MS = 3_000  # the pending marker expires this long after its owner stops renewing it
-POLL_S = 0.01  # how often a final turn looks for a result another worker is computing
-WAIT_LIMIT_S = 120.0  # a final turn never waits longer than this for a pending result
 NOTHING_HEARD = "no speech recognised"
 
 
@@ -68,11 +62,14 @@ class AsrStage:
 
     # -- final turns ---------------------------------------------------------
     async def _final(self, event: TurnEnded, ctx: Context) -> Transcript | None:
-        key = ctx.keys.asr_result(event.session_id, event.turn_id, event.speech_end_ms)
+        shared = self._shared(event, ctx)
         claimed = False
         try:
             waiting_since = time.perf_counter()
-            claimed, result = await self._claim_or_wait(key, ctx)
+            # Claiming first means a speculative guess that arrives after the final is
+            # not computed; otherwise take the parked result, or wait for it.
+            claimed, value = await shared.claim_or_wait(ctx.cancelled)
+            result = _decode(value) if value is not None else None
             if ctx.cancelled():
                 return None
             if result is not None:
@@ -80,15 +77,16 @@ class AsrStage:
                 log.info("final turn: used the speculative transcript (ASR took %.0f ms, "
                          "waited %.0f ms for it)", result.elapsed_s * 1000, waited * 1000)
             else:
-                result = await self._transcribe(event, ctx, key if claimed else None, "final")
+                result = await self._transcribe(event, ctx, shared if claimed else None,
+                                                "final")
                 if result is None:
                     return None
-                await self._park(key, result, ctx)  # a redelivery of this turn reuses it
+                await shared.publish(_encode(result))  # a redelivery of this turn reuses it
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if claimed:
-                await _best_effort(ctx.bus.redis.delete(key))
+                await shared.release()
             reason = (f"bad audio: {exc}" if isinstance(exc, AsrInputError)
                       else f"ASR failed: {type(exc).__name__}: {exc}")
             log.warning("transcription failed: %s", reason)
@@ -97,32 +95,10 @@ class AsrStage:
             return self._transcript(event, failed=NOTHING_HEARD, language=result.language)
         return self._transcript(event, text=result.text, language=result.language)
 
-    async def _claim_or_wait(self, key: str, ctx: Context) -> tuple[bool, AsrResult | None]:
-        """Claim the turn's transcription, or take the speculative result for it.
-
-        Returns (claimed, result): (True, None) when this worker is to transcribe; (False,
-        result) with the parked result; (False, None) to transcribe without the cache
-        (Redis trouble, an unreadable value, or a wait that went on too long). Claiming
-        first means a speculative guess that arrives after the final is not computed.
-        """
-        redis = ctx.bus.redis
-        deadline = time.monotonic() + WAIT_LIMIT_S
-        try:
-            while True:
-                if await redis.set(key, PENDING, nx=True, px=LEASE_MS):
-                    return True, None
-                value = await redis.get(key)
-                if value is None:
-                    continue  # it just expired or its transcription failed: claim it
-                if value != PENDING:
-                    return False, _decode(value)
-                if time.monotonic() > deadline or ctx.cancelled():
-                    return False, None
-                await asyncio.sleep(POLL_S)
-        except (RedisError, OSError) as exc:
-            log.warning("speculative cache unavailable (%s: %s); transcribing without it",
-                        type(exc).__name__, exc)
-            return False, None
+    def _shared(self, event: TurnEnded, ctx: Context) -> SharedResult:
+        """The turn's transcript, computed once across workers (keyed by its audio end)."""
+        key = ctx.keys.asr_result(event.session_id, event.turn_id, event.speech_end_ms)
+        return SharedResult(ctx.bus.redis, key, self.ttl_s)
 
     @staticmethod
     def _transcript(event: TurnEnded, *, text: str = "", language: str = "",
@@ -135,32 +111,28 @@ class AsrStage:
 
     # -- speculative turns ---------------------------------------------------
     async def _speculate(self, event: TurnEnded, ctx: Context) -> None:
-        key = ctx.keys.asr_result(event.session_id, event.turn_id, event.speech_end_ms)
-        if not await _best_effort(ctx.bus.redis.set(key, PENDING, nx=True, px=LEASE_MS)):
+        shared = self._shared(event, ctx)
+        if not await shared.claim():
             return  # already done or under way (a duplicate, or the final got here first)
         try:
-            result = await self._transcribe(event, ctx, key, "speculative")
+            result = await self._transcribe(event, ctx, shared, "speculative")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the final turn will try again and report the failure
             log.info("speculative transcription failed (%s: %s)", type(exc).__name__, exc)
             result = None
         if result is None:
-            await _best_effort(ctx.bus.redis.delete(key))
+            await shared.release()
         else:
-            await self._park(key, result, ctx)
-
-    async def _park(self, key: str, result: AsrResult, ctx: Context) -> None:
-        value = json.dumps(dataclasses.asdict(result)).encode()
-        await _best_effort(ctx.bus.redis.set(key, value, ex=self.ttl_s))
+            await shared.publish(_encode(result))
 
     # -- transcription -------------------------------------------------------
-    async def _transcribe(self, event: TurnEnded, ctx: Context, lease_key: str | None,
+    async def _transcribe(self, event: TurnEnded, ctx: Context, lease: SharedResult | None,
                           kind: str) -> AsrResult | None:
         """Transcribe the turn's audio in a thread; None if the turn was cancelled first.
 
-        While it runs, the pending marker at ``lease_key`` is kept alive, so a final turn
-        waiting for it knows the work is still under way (and stops waiting if we die).
+        While it runs, the claim on ``lease`` is kept alive, so a final turn waiting for
+        it knows the work is still under way (and stops waiting if we die).
         """
         audio = event.audio
         if not audio and event.audio_ref:
@@ -171,13 +143,11 @@ class AsrStage:
         job = asyncio.ensure_future(
             asyncio.to_thread(self.recognizer.transcribe, audio, event.sample_rate))
         cancelled = asyncio.ensure_future(ctx.cancel_event().wait())
-        lease = asyncio.ensure_future(_keep_pending(ctx, lease_key)) if lease_key else None
         try:
-            await asyncio.wait({job, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            async with lease.working() if lease else contextlib.nullcontext():
+                await asyncio.wait({job, cancelled}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             cancelled.cancel()
-            if lease is not None:
-                lease.cancel()
             if not job.done():  # the turn was cancelled (or we were): the thread runs
                 job.add_done_callback(_discard)  # to its end on its own; nobody waits
         if not job.done():
@@ -189,26 +159,13 @@ class AsrStage:
         return result
 
 
-async def _keep_pending(ctx: Context, key: str) -> None:
-    while True:
-        await asyncio.sleep(LEASE_MS / 3000)
-        await _best_effort(ctx.bus.redis.pexpire(key, LEASE_MS))
-
-
-async def _best_effort(op: Awaitable[T]) -> T | None:
-    """A cache operation: the turn does not depend on it, so a Redis error is logged
-    and the turn goes on as if the cache were empty (it is transcribed here)."""
-    try:
-        return await op
-    except (RedisError, OSError) as exc:
-        log.warning("speculative cache unavailable (%s: %s); carrying on without it",
-                    type(exc).__name__, exc)
-        return None
-
-
 def _discard(task: asyncio.Future[AsrResult]) -> None:
     with contextlib.suppress(BaseException):
         task.result()
+
+
+def _encode(result: AsrResult) -> bytes:
+    return json.dumps(dataclasses.asdict(result)).encode()
 
 
 def _decode(value: bytes | str) -> AsrResult | None:
