@@ -75,6 +75,7 @@ from workers.backends.asr import AsrResult, Recognizer, load_recognizer  # noqa:
 from workers.backends.audio import float_to_pcm16, pcm16_to_float, resample  # noqa: E402
 from workers.backends.llm import ChatMessage, OpenAIChat  # noqa: E402
 from workers.backends.tts import load_backend  # noqa: E402
+from workers.backends.vad import VadModels, load_vad_models  # noqa: E402
 from workers.config import Config  # noqa: E402
 from workers.config_load import load_config  # noqa: E402
 from workers.llm_worker import SAY_AGAIN  # noqa: E402
@@ -90,7 +91,6 @@ from workers.vad.turn_detection import (  # noqa: E402
     TurnDetector,
     TurnEnd,
 )
-from workers.vad_worker import VadModels  # noqa: E402
 
 STAGES = ("turn_detect", "asr", "llm_ttft", "llm_first_text", "tts_first_chunk",
           "end_of_speech_to_first_audio")
@@ -206,7 +206,7 @@ class InProcess:
 
     @classmethod
     def load(cls, config: Config, llm_url: str) -> InProcess:
-        vad = VadModels.load(config)
+        vad = load_vad_models(config.vad)
         recognizer = load_recognizer(config.asr)
         recognizer.transcribe(b"\0\0" * 8_000, RATE)  # the ASR worker's warm-up call
         backend = load_backend(config.tts)  # warms itself up
@@ -222,7 +222,7 @@ class InProcess:
 
     async def session(self, wavs: list[Path]) -> dict[str, Any]:
         """One user's turns: the WAVs "captured" in real time, each answered in turn."""
-        detector = TurnDetector(self.config.vad, self.vad.silero.stream())
+        detector = TurnDetector(self.config.vad, self.vad.speech.stream())
         pending: deque[np.ndarray] = deque()
         captured: dict[int, int] = {}  # a window's end (sample) -> wall ns it was captured
         finals: asyncio.Queue[tuple[TurnEnd, int]] = asyncio.Queue()
@@ -230,8 +230,8 @@ class InProcess:
         stop = asyncio.Event()
 
         async def act(action: object) -> None:
-            if isinstance(action, NeedsTurnCheck) and self.vad.smart_turn is not None:
-                probability = await asyncio.to_thread(self.vad.smart_turn.probability,
+            if isinstance(action, NeedsTurnCheck) and self.vad.turn_end is not None:
+                probability = await asyncio.to_thread(self.vad.turn_end.probability,
                                                       action.audio)
                 for follow_up in detector.judged(probability):
                     await act(follow_up)

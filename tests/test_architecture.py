@@ -82,6 +82,13 @@ def test_stages_never_import_each_other_or_each_others_helpers() -> None:
     assert offenders(list(STAGES), bad) == []
 
 
+def test_stages_use_backends_through_their_contracts() -> None:
+    # One contract module per model family, which loads the implementation by name.
+    contracts = {"workers.backends." + m for m in ("vad", "asr", "llm", "tts", "audio")}
+    assert offenders(list(STAGES), lambda _, t: within(t, "workers.backends")
+                     and t not in contracts) == []
+
+
 def test_the_stage_helpers_import_no_stage() -> None:
     mods = [m for m in modules() if any(within(m, h) for h in (*STAGE_HELPERS.values(),
                                                                  "workers.text"))]

@@ -42,7 +42,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import msgspec
 
@@ -55,9 +54,9 @@ from schemas import (
     SpeechStopped,
     TurnEnded,
 )
+from workers.backends.audio import MODEL_WINDOW as WINDOW
 from workers.backends.audio import Reblocker, StreamResampler, float_to_pcm16, pcm16_to_float
-from workers.backends.silero import WINDOW, SileroModel
-from workers.backends.smart_turn import SmartTurnModel
+from workers.backends.vad import VadModels, load_vad_models
 from workers.config import Config
 from workers.observability import semconv, telemetry
 from workers.observability.logs import log_context
@@ -83,22 +82,6 @@ log = logging.getLogger(__name__)
 ACTIVE_TURN_TTL_S = 120  # an agent turn nobody finished is forgotten after this
 
 
-@dataclass
-class VadModels:
-    """Loaded once per process, shared by every session it owns."""
-
-    silero: SileroModel
-    smart_turn: SmartTurnModel | None
-
-    @classmethod
-    def load(cls, config: Config) -> VadModels:
-        vad = config.vad
-        smart = None
-        if vad.type != "silero":
-            smart = SmartTurnModel(vad.smart_turn.model_path, vad.device, vad.smart_turn.threads)
-        return cls(SileroModel(device=vad.device), smart)
-
-
 def _ms(samples: int) -> int:
     return samples * 1000 // RATE
 
@@ -114,7 +97,7 @@ class HybridVad:
         self.rate = started.sample_rate
         self.resample = StreamResampler(self.rate)
         self.reblock = Reblocker(WINDOW)
-        self.detector = TurnDetector(config.vad, models.silero.stream())
+        self.detector = TurnDetector(config.vad, models.speech.stream())
         self.turn_id: str | None = None
         self.traceparent = ""  # the turn's W3C trace context: one trace per turn
         self.continues = ""  # the turn the current one continues
@@ -161,9 +144,9 @@ class HybridVad:
             yield Emit(out, SpeechStopped(session_id=sid, turn_id=self.turn_id,
                                           audio_ms=_ms(action.at),
                                           traceparent=self.traceparent))
-        elif isinstance(action, NeedsTurnCheck) and self.models.smart_turn is not None:
+        elif isinstance(action, NeedsTurnCheck) and self.models.turn_end is not None:
             # ~50 ms of CPU: off the event loop, so leases and other sessions go on.
-            probability = await asyncio.to_thread(self.models.smart_turn.probability,
+            probability = await asyncio.to_thread(self.models.turn_end.probability,
                                                   action.audio)
             follow_ups = self.detector.judged(probability)
             if self.guess is not None:  # the transcript may be there already
@@ -370,8 +353,8 @@ def _without_audio(turn: TurnEnded) -> TurnEnded:
 
 
 def build(config: Config) -> SessionStage:
-    models = VadModels.load(config)
-    log.info("VAD models loaded: %s%s", models.silero.path.name,
-             f", {models.smart_turn.path.name}" if models.smart_turn else "")
+    models = load_vad_models(config.vad)
+    log.info("VAD models loaded: %s%s", models.speech.path.name,
+             f", {models.turn_end.path.name}" if models.turn_end else "")
     return SessionStage("vad", lambda started: HybridVad(started, models, config))
 

@@ -6,6 +6,7 @@ import numpy as np
 import soxr
 
 MODEL_RATE = 16_000  # every speech model here runs at 16 kHz
+MODEL_WINDOW = MODEL_RATE * 32 // 1000  # the VAD's window: 512 samples, 32 ms
 
 
 def pcm16_to_float(pcm: bytes) -> np.ndarray:

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from workers.backends.assets import resolve_model
-from workers.backends.audio import MODEL_RATE
+from workers.backends.audio import MODEL_WINDOW
 from workers.backends.onnx import session
 
 MODEL_FILE = "pipecat/audio/vad/data/silero_vad.onnx"
-WINDOW = MODEL_RATE * 32 // 1000  # the model's window: 512 samples, 32 ms
+WINDOW = MODEL_WINDOW  # samples at 16 kHz = 32 ms
 CONTEXT = 64
 # Reset the recurrent state after this much clear non-speech: long silence or
 # noise drifts the state so that the next speech is under-reported.
