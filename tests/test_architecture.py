@@ -119,9 +119,7 @@ def test_observability_and_the_runtime_use_no_launcher() -> None:
 def test_no_module_outside_bench_and_tests_is_over_the_size_limit() -> None:
     long = {name: n for name, path in modules().items()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
-    # Still to split (issue 12): each listed one must shrink, and no other may join them.
-    known = {"workers.vad.turn_detection"}
-    assert set(long) <= known, f"over {MAX_LINES} lines: {sorted(set(long) - known)}"
+    assert long == {}, f"over {MAX_LINES} lines: {long}"
 
 
 def test_the_checker_sees_lazy_and_module_imports(tmp_path: Path) -> None:

@@ -76,6 +76,7 @@ from workers.vad.actions import (
     SpeechStop,
     TurnEnd,
 )
+from workers.vad.kept_audio import KeptAudio
 from workers.vad.speech_gate import SpeechGate
 from workers.vad.turn_text import TextVerdict, judge_text
 
@@ -128,8 +129,7 @@ class TurnDetector:
         self.stretch = 1.0
 
         self.pos = 0  # samples consumed
-        self._audio: list[np.ndarray] = []  # pre-roll while idle, the turn while active
-        self._audio_start = 0  # sample index of _audio[0]
+        self.audio = KeptAudio()  # pre-roll while idle, the turn while active
         self._ended: _Ended | None = None  # the last turn, while it may still be continued
         self._reset_turn()
 
@@ -158,7 +158,7 @@ class TurnDetector:
             self._forget_ended()
         start = self.pos
         self.pos += WINDOW
-        self._keep(window, start)
+        self._keep(window)
         is_speech = self.gate.is_speech(window)
         actions.extend(self._on_speech(start) if is_speech else self._on_silence())
         return actions
@@ -314,7 +314,7 @@ class TurnDetector:
                     self._ended = ended
                     actions.append(self._commit("new_turn"))
                     self._ended = None
-                self._trim_to(self.turn_start - PREROLL)
+                self.audio.trim_to(self.turn_start - PREROLL)
         if self.announced and self.pos - self.turn_start >= self.max_turn:
             actions.append(self._end("max_duration", tentative=False))
         return actions
@@ -359,37 +359,25 @@ class TurnDetector:
         return int(samples * max(1.0, self.stretch))
 
     # -- turn audio --------------------------------------------------------
-    def _keep(self, window: np.ndarray, start: int) -> None:
-        self._audio.append(window.copy())
+    def _keep(self, window: np.ndarray) -> None:
+        self.audio.append(window, self.pos)
         if self.turn_start is None and self._ended is None:  # idle: keep only the pre-roll
-            self._trim_to(self.pos - PREROLL - WINDOW)
+            self.audio.trim_to(self.pos - PREROLL - WINDOW)
         elif self.turn_start is None and self._ended is not None:
             if self._ended.committed and self.pos - self._ended.speech_end > self.max_gap:
                 self._forget_ended()  # too long ago to be continued
-        self._audio_start = self.pos - len(self._audio) * WINDOW
-
-    def _trim_to(self, sample: int) -> None:
-        """Drop audio before ``sample`` (whole windows)."""
-        while self._audio and self._audio_start + WINDOW <= sample:
-            self._audio.pop(0)
-            self._audio_start += WINDOW
 
     def _forget_ended(self) -> None:
         self._ended = None
         keep_from = (self.turn_start if self.turn_start is not None else self.pos) - PREROLL
-        self._trim_to(keep_from - WINDOW)
-
-    def _span(self, begin: int, end: int) -> np.ndarray:
-        audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
-        lo = max(0, begin - self._audio_start)
-        return audio[lo:max(lo, end - self._audio_start)]
+        self.audio.trim_to(keep_from - WINDOW)
 
     def _recent(self, samples: int) -> np.ndarray:
-        return self._span(max(self._audio_start, self.pos - samples), self.pos)
+        return self.audio.span(max(self.audio.start, self.pos - samples), self.pos)
 
     def _utterance(self) -> np.ndarray:
         assert self.turn_start is not None
-        return self._span(self.turn_start - PREROLL, self.last_speech_end + TAIL)
+        return self.audio.span(self.turn_start - PREROLL, self.last_speech_end + TAIL)
 
     def _guess(self) -> TurnEnd:
         assert self.turn_start is not None
