@@ -369,24 +369,22 @@ async def pipeline_runs(gateway_url: str, secret: bytes, inproc: InProcess, wavs
     bus_load, inproc_load = Load(), Load()
     bus_sessions: list[dict[str, Any]] = []
     inproc_sessions: list[dict[str, Any]] = []
+
+    async def one(run: int, label: str, load: Any, play: Any, into: list[dict[str, Any]]) -> None:
+        with load.measure():
+            session = await play  # a coroutine: it starts running here
+        session["run"] = run
+        into.append(session)
+        for row in session["turns"]:
+            print(describe(label, row), flush=True)
+        if session["error"]:
+            print(f"  {label} session failed: {session['error']}", flush=True)
+
     for run in range(runs):
         print(f"run {run + 1}/{runs}", flush=True)
-        with bus_load.measure():
-            session = await bus_session(gateway_url, secret, wavs, tag=f"r{run}-")
-        session["run"] = run
-        bus_sessions.append(session)
-        for row in session["turns"]:
-            print(describe("bus", row), flush=True)
-        if session["error"]:
-            print(f"  bus session failed: {session['error']}", flush=True)
-        with inproc_load.measure():
-            session = await inproc.session(wavs)
-        session["run"] = run
-        inproc_sessions.append(session)
-        for row in session["turns"]:
-            print(describe("in-proc", row), flush=True)
-        if session["error"]:
-            print(f"  in-process session failed: {session['error']}", flush=True)
+        await one(run, "bus", bus_load,
+                  bus_session(gateway_url, secret, wavs, tag=f"r{run}-"), bus_sessions)
+        await one(run, "in-proc", inproc_load, inproc.session(wavs), inproc_sessions)
     for sessions in (bus_sessions, inproc_sessions):
         if sessions and sessions[0]["turns"]:
             sessions[0]["turns"][0]["warmup"] = True

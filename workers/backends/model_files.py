@@ -143,11 +143,18 @@ def _packaged(name: str, cache: Path, tried: list[str]) -> ResolvedModel | None:
     except FileNotFoundError as exc:
         tried.append(f"package {spec.distribution}: {exc}")
         return None
+    return _complete(name, directory, f"package {spec.distribution} ({directory})",
+                     f"package {spec.distribution}", tried)
+
+
+def _complete(name: str, directory: Path, where: str, source: str,
+              tried: list[str]) -> ResolvedModel | None:
+    """The model in ``directory`` if it has every file a model needs; else why not."""
     problem = missing_files(directory)
     if problem:
-        tried.append(f"package {spec.distribution} ({directory}): {problem}")
+        tried.append(f"{where}: {problem}")
         return None
-    return ResolvedModel(name, directory, f"package {spec.distribution}")
+    return ResolvedModel(name, directory, source)
 
 
 def _split(spec: SplitModel, cache: Path, tried: list[str]) -> ResolvedModel | None:
@@ -177,11 +184,8 @@ def _local_path(name: str, cache: Path, tried: list[str]) -> ResolvedModel | Non
     if not path.is_dir():
         tried.append(f"local path {path.absolute()}: not a directory")
         return None
-    problem = missing_files(path)
-    if problem:
-        tried.append(f"local path {path.absolute()}: {problem}")
-        return None
-    return ResolvedModel(name, path.absolute(), f"local path {path.absolute()}")
+    where = f"local path {path.absolute()}"
+    return _complete(name, path.absolute(), where, where, tried)
 
 
 def _hf_cache(name: str, cache: Path, tried: list[str]) -> ResolvedModel | None:
@@ -192,11 +196,8 @@ def _hf_cache(name: str, cache: Path, tried: list[str]) -> ResolvedModel | None:
     except Exception as exc:
         tried.append(f"Hugging Face cache (offline): {_first_line(exc)}")
         return None
-    problem = missing_files(found)
-    if problem:
-        tried.append(f"Hugging Face cache {found}: {problem}")
-        return None
-    return ResolvedModel(name, found, f"Hugging Face cache {found}")
+    where = f"Hugging Face cache {found}"
+    return _complete(name, found, where, where, tried)
 
 
 def _hub(name: str, allow_download: bool, tried: list[str]) -> ResolvedModel | None:
