@@ -37,6 +37,7 @@ from schemas import (
     Transcript,
     TurnEnded,
 )
+from workers.backends.audio import ArrivalClock
 from workers.observability.logs import log_context
 from workers.runtime.keys import Keys
 
@@ -49,7 +50,6 @@ PLAYED_WAIT_S = 0.3  # after a flush, how long to wait for the device's played r
 # A tentative turn's audio is released after this long even without its commit (the VAD
 # that ended it died before committing: its peer does not know the turn).
 HOLD_LIMIT_S = 6.0
-FRAME_TIMES = 4096  # (audio ms, arrival) pairs kept per session to place speech ends in time
 KEEP_TURNS = 32  # turn states kept per session
 
 
@@ -68,7 +68,7 @@ class DeviceSession:
         self.forgotten: deque[str] = deque(maxlen=4096)  # ids of finished, dropped turns
         self.current: TurnState | None = None  # the turn whose audio the device gets now
         self.samples_in = 0
-        self.frame_times: deque[tuple[int, int]] = deque(maxlen=FRAME_TIMES)
+        self.frame_times = ArrivalClock()  # to place speech ends (audio time) in time
         self.seq = 0
         self.started = time.monotonic()
         self.last_frame = time.monotonic()
@@ -93,7 +93,7 @@ class DeviceSession:
         if not data:
             return
         self.samples_in += len(data) // 2
-        self.frame_times.append((self.samples_in * 1000 // self.rate, time.time_ns()))
+        self.frame_times.mark(self.samples_in * 1000 // self.rate, time.time_ns())
         await self.gateway.bus.publish(self.keys.audio(self.session_id), AudioFrame(
             session_id=self.session_id, seq=self.seq, sample_rate=self.rate, pcm=data))
         self.seq += 1
@@ -109,10 +109,7 @@ class DeviceSession:
 
     def wall_ns(self, audio_ms: int) -> int | None:
         """When the frame holding audio time ``audio_ms`` reached the gateway."""
-        for end_ms, arrived in self.frame_times:
-            if end_ms >= audio_ms:
-                return arrived
-        return None
+        return self.frame_times.wall_ns(audio_ms)
 
     # -- outbound -----------------------------------------------------------
     async def pump(self) -> None:

@@ -40,7 +40,6 @@ import logging
 import secrets
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -55,7 +54,13 @@ from schemas import (
     TurnEnded,
 )
 from workers.backends.audio import MODEL_WINDOW as WINDOW
-from workers.backends.audio import Reblocker, StreamResampler, float_to_pcm16, pcm16_to_float
+from workers.backends.audio import (
+    ArrivalClock,
+    Reblocker,
+    StreamResampler,
+    float_to_pcm16,
+    pcm16_to_float,
+)
 from workers.backends.vad import VadModels, load_vad_models
 from workers.config import Config
 from workers.observability import semconv, telemetry
@@ -63,6 +68,7 @@ from workers.observability.logs import log_context
 from workers.runtime import Context, Emit
 from workers.runtime.bus import as_str
 from workers.runtime.sessions import SessionStage
+from workers.runtime.shared_result import PENDING
 from workers.vad.pauses import PauseProfile
 from workers.vad.turn_detection import (
     RATE,
@@ -109,7 +115,7 @@ class HybridVad:
         self.pauses: PauseProfile | None = None
         # (audio ms at a frame's end, its created_ns): places audio time on the wall
         # clock for the turn-detection span, as the gateway does for its latency.
-        self.frame_clock: deque[tuple[int, int]] = deque(maxlen=4096)
+        self.frame_clock = ArrivalClock()  # when each frame was received (its created_ns)
         self.input_samples = 0
         self.barge_in = config.vad.barge_in
 
@@ -120,7 +126,7 @@ class HybridVad:
                 self.rate = event.sample_rate
                 self.resample = StreamResampler(self.rate)
             self.input_samples += len(event.pcm) // 2
-            self.frame_clock.append((self.input_samples * 1000 // self.rate, event.created_ns))
+            self.frame_clock.mark(self.input_samples * 1000 // self.rate, event.created_ns)
             if self.guess is not None:
                 for action in await self._texted(ctx):
                     async for out in self._act(action, ctx, event):
@@ -232,7 +238,7 @@ class HybridVad:
 
     def _wall_ns(self, audio_ms: int) -> int | None:
         """When the frame holding audio time ``audio_ms`` was received (its created_ns)."""
-        return next((ns for ms, ns in self.frame_clock if ms >= audio_ms), None)
+        return self.frame_clock.wall_ns(audio_ms)
 
     async def _texted(self, ctx: Context) -> list[Action]:
         """One look for the transcript the detector waits for (once per frame)."""
@@ -241,7 +247,7 @@ class HybridVad:
         key = ctx.keys.asr_result(self.session_id, turn_id, _ms(guess.speech_end))
         value = await ctx.bus.redis.get(key)
         text: str | None = None
-        if value is not None and value != b"pending":
+        if value is not None and value != PENDING:
             try:
                 text = str(json.loads(value)["text"])
             except (ValueError, KeyError, TypeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import soxr
 
@@ -60,3 +62,19 @@ def level_db(block: np.ndarray) -> float:
     """RMS level in dBFS (a full-scale sine is about -3 dB); silence floors at -100."""
     power = float(np.mean(np.square(block, dtype=np.float64))) if block.size else 0.0
     return 10.0 * float(np.log10(max(power, 1e-10)))
+
+
+class ArrivalClock:
+    """When audio time reached us: (audio ms at the end of each frame, wall-clock ns it
+    arrived) for the recent frames, so a speech end in audio time can be placed on the
+    wall clock (latency is measured from it)."""
+
+    def __init__(self, keep: int = 4096) -> None:  # 4096 frames of 20 ms: ~80 s
+        self._marks: deque[tuple[int, int]] = deque(maxlen=keep)
+
+    def mark(self, audio_end_ms: int, arrived_ns: int) -> None:
+        self._marks.append((audio_end_ms, arrived_ns))
+
+    def wall_ns(self, audio_ms: int) -> int | None:
+        """When the frame holding audio time ``audio_ms`` arrived; None if not kept."""
+        return next((ns for end_ms, ns in self._marks if end_ms >= audio_ms), None)
