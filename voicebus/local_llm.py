@@ -80,7 +80,7 @@ def gguf_path(config: LlmConfig) -> Path:
     return target / GGUF_NAME
 
 
-class LocalLlmServer:
+class LocalLlmServer(processes.ChildServer):
     """``start()`` -> the base URL (``http://127.0.0.1:PORT/v1``); ``stop()`` ends it."""
 
     def __init__(self, config: LlmConfig) -> None:
@@ -175,12 +175,6 @@ class LocalLlmServer:
         with contextlib.suppress(OSError):
             self._log.unlink()
 
-    def __enter__(self) -> LocalLlmServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def needs_local_server(config: LlmConfig) -> bool:

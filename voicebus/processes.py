@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from typing import Self
 
 
 def free_port() -> int:
@@ -34,3 +35,21 @@ def stop(proc: subprocess.Popen[bytes] | None, grace_s: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class ChildServer:
+    """A server we run as a child process: ``start()`` it, ``stop()`` it, or use it as a
+    context manager (started on entry, stopped on exit)."""
+
+    def start(self) -> str:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

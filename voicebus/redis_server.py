@@ -58,7 +58,7 @@ def _ping(port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(processes.ChildServer):
     """A private redis-server: ``start()`` returns its URL, ``stop()`` ends it."""
 
     def __init__(self, port: int | None = None, binary: str | None = None,
@@ -135,12 +135,6 @@ class EmbeddedRedis:
             self._proc.kill()
             self._proc.wait()
 
-    def __enter__(self) -> EmbeddedRedis:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager
