@@ -105,15 +105,21 @@ def check_speech(audio: np.ndarray, rate: int, n_words: int) -> None:
 
 
 # -- backends -------------------------------------------------------------------------
-def test_piper_speaks_a_sentence_that_asr_understands(
+# Piper's VITS samples noise: every rendition differs, and about one in tens of the
+# sentence above is heard as "The weather impairs a sunny today." (WER 0.43). One draw
+# is a coin with that bias; the words of three sentences together are a measure.
+SPOKEN = f"{SENTENCE} Please close the door behind you. My name is Anna and I live in Berlin."
+
+
+def test_piper_speaks_sentences_that_asr_understands(
         piper: TtsBackend, tiny: FasterWhisperRecognizer) -> None:
-    pieces = list(piper.synthesize(SENTENCE))
-    assert pieces and {p.backend for p in pieces} == {"piper"}
+    pieces = list(piper.synthesize(SPOKEN))
+    assert len(pieces) == 3 and {p.backend for p in pieces} == {"piper"}
     assert {p.sample_rate for p in pieces} == {22_050}  # en_US-joe-medium's rate
     audio = joined(pieces)
-    check_speech(audio, 22_050, len(words(SENTENCE)))
+    check_speech(audio, 22_050, len(words(SPOKEN)))
     heard = tiny.transcribe(audio, 22_050).text
-    assert wer(SENTENCE, heard) <= MAX_WER, heard
+    assert wer(SPOKEN, heard) <= MAX_WER, heard
 
 
 def test_piper_streams_one_piece_per_sentence(piper: TtsBackend) -> None:
