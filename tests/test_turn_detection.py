@@ -47,16 +47,16 @@ Transcribe = Callable[[TurnEnd], "str | None"]
 def detect(audio: np.ndarray, models: tuple[SileroModel, SmartTurnModel],
            config: VadConfig | None = None, chunk: int = 512, *,
            transcribe: Transcribe | None = None, text_after_s: float = 0.3,
-           continue_turns: bool = False, stretch: float = 1.0) -> list[object]:
+           continue_turns: bool = False, allowance_s: float = 0.0) -> list[object]:
     """Run the detector over audio in ``chunk``-sized pieces, answering its model checks.
 
     ``transcribe`` plays ASR: it gets each speculative TurnEnd and its answer reaches the
     detector ``text_after_s`` of audio later (as a transcript would, in real time). With
     ``continue_turns`` every speech start after an ended turn continues it (nothing was
-    heard in between)."""
+    heard in between). ``allowance_s``: the user's learned pause allowance."""
     silero, smart = models
     detector = TurnDetector(config or Config().vad, silero.stream())
-    detector.stretch = stretch
+    detector.pause_allowance = int(allowance_s * RATE)
     actions: list[object] = []
     pending: list[object] = []
     texts: list[tuple[int, int, str | None]] = []  # (due at, speech end, text)
@@ -379,8 +379,30 @@ def test_speech_before_the_reply_continues_the_turn_from_its_first_word(models) 
 
 def test_learned_long_pauses_stretch_the_silence_timeout(models) -> None:  # type: ignore[no-untyped-def]
     audio = join(silence(1.0), speech(LIBRIVOX), silence(3.5))
-    [turn] = turns(detect(audio, models, stretch=1.6))
+    [turn] = turns(detect(audio, models, allowance_s=2.4))
     assert turn.rule == "silence_timeout" and 2400 <= turn.delay_ms <= 2450
+    [turn] = turns(detect(audio, models, allowance_s=9.0))  # at most max_stretch (2x)
+    assert turn.rule == "silence_timeout" and 3000 <= turn.delay_ms <= 3050
+
+
+def test_a_user_who_pauses_long_has_replies_committed_later(models) -> None:  # type: ignore[no-untyped-def]
+    # "Go forward ten meters." reads complete to Smart Turn and the text alike; a user
+    # whose inner pauses are long goes on after ~1 s (0.3 s + the clips' own quiet).
+    audio = join(silence(1.0), speech(GO_FORWARD), silence(0.3), speech(ARCTIC), silence(3.0))
+    def complete(_: TurnEnd) -> str:
+        return "Go forward ten meters."
+    quick = detect(audio, models, transcribe=complete, continue_turns=True)
+    first = turns(quick)[0]
+    assert first.tentative and first.speech_end / RATE < 1.0 + 2.5
+    assert (commits(quick)[0].decided - first.speech_end) / RATE == pytest.approx(0.7, abs=0.05)
+    slow = detect(audio, models, transcribe=complete, continue_turns=True, allowance_s=1.2)
+    first, whole = turns(slow)  # the first end stays tentative; the user went on
+    assert first.tentative and whole.start == first.start
+    [commit] = commits(slow)  # only the whole utterance is committed, after 1.2 s
+    assert commit.decided > whole.speech_end
+    assert (commit.decided - whole.speech_end) / RATE == pytest.approx(1.2, abs=0.05)
+    # The reply is still prepared at once: the tentative end does not wait.
+    assert 150 <= whole.delay_ms <= 300
 
 
 def test_a_resumed_pause_is_reported_for_learning(models) -> None:  # type: ignore[no-untyped-def]

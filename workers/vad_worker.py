@@ -81,6 +81,7 @@ from workers.vad.turn_detection import (
     SpeechStop,
     TurnDetector,
     TurnEnd,
+    seconds,
 )
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class HybridVad:
             self.pauses = PauseProfile(
                 ctx.bus.redis, ctx.keys.user_pauses(self.user_id or f"session:{self.session_id}"),
                 self.config.vad.adaptive, self.config.vad.fallback.silence_timeout)
-            self.detector.stretch = await self.pauses.load()
+            self.detector.pause_allowance = seconds(await self.pauses.load())
         self.turn_id = uuid.uuid4().hex[:16]
         self.traceparent = new_traceparent()
         self.continues = ""
@@ -263,11 +264,11 @@ class HybridVad:
     async def _learn_pause(self, resumed: Resumed, ctx: Context) -> None:
         if self.pauses is None:
             return
-        before = self.detector.stretch
-        self.detector.stretch = await self.pauses.learn(resumed.pause / RATE)
-        if abs(self.detector.stretch - before) >= 0.05:
-            log.info("user pauses %.2f s on average: waits x%.2f", self.pauses.average_s or 0,
-                     self.detector.stretch)
+        before = self.detector.pause_allowance
+        self.detector.pause_allowance = seconds(await self.pauses.learn(resumed.pause / RATE))
+        if abs(self.detector.pause_allowance - before) >= seconds(0.05):
+            log.info("user pauses %.2f s on average: waits cover %.2f s",
+                     self.pauses.average_s or 0, self.detector.pause_allowance / RATE)
 
     async def _turn_ended(self, end: TurnEnd, ctx: Context, cause: Event) -> AsyncIterator[Emit]:
         assert self.turn_id is not None

@@ -3,15 +3,21 @@
 Every time a user goes on after a pause inside their turn (or continues a turn that
 was cut), the pause is folded into a running average kept in Redis per user
 (exponential, weight ``adjustment_rate``; expires after ``ttl_s`` of silence from
-them). The detector's waits — the probable-end wait and the silence timeout — are
-stretched so they cover ``margin`` times that average, between 1x and
-``max_stretch`` x their configured value:
+them). Each of the detector's waits at a pause — the commit wait (``commit_silence``:
+when a reply may play), the probable-end wait and the silence timeout — is stretched
+to cover ``margin`` times that average (the user's *allowance*), between 1x and
+``max_stretch`` x its configured value:
 
-    stretch = clamp(margin * average_pause / silence_timeout, 1, max_stretch)
+    allowance = margin * average_pause
+    wait      = clamp(allowance, configured, max_stretch * configured)  (the detector)
 
-A user whose inner pauses average 0.4 s keeps the defaults; one who averages 1.2 s
-waits 1.6x longer (2.4 s instead of 1.5 s) before the silence timeout ends a turn.
-The immediate Smart Turn end is not stretched: the transcript check guards it.
+A user whose inner pauses average 0.3 s keeps the defaults; one who averages 0.6 s
+has their replies committed after 1.2 s of silence instead of 0.7 s; one who averages
+1.2 s waits 2.4 s instead of 1.5 s before the silence timeout ends a turn. The commit
+wait is the one that decides whether a pause cuts the turn (the reply plays); it is
+stretched for the users whose own pauses show they go on after such points.
+The immediate (tentative) Smart Turn end is not stretched: the reply is prepared at
+once, and only its playing waits.
 """
 
 from __future__ import annotations
@@ -37,11 +43,11 @@ return tostring(avg)
 """
 
 
-def stretch(cfg: AdaptiveConfig, average_pause_s: float | None, silence_timeout_s: float) -> float:
-    """How much longer than configured this user's waits are."""
-    if not cfg.enabled or average_pause_s is None or silence_timeout_s <= 0:
-        return 1.0
-    return min(cfg.max_stretch, max(1.0, cfg.margin * average_pause_s / silence_timeout_s))
+def allowance(cfg: AdaptiveConfig, average_pause_s: float | None) -> float:
+    """The silence (s) this user's waits cover; 0 while nothing is learned (or off)."""
+    if not cfg.enabled or average_pause_s is None:
+        return 0.0
+    return cfg.margin * average_pause_s
 
 
 class PauseProfile:
@@ -57,27 +63,27 @@ class PauseProfile:
         self._learn = client.register_script(_LEARN)
 
     @property
-    def stretch(self) -> float:
-        return stretch(self.cfg, self.average_s, self.silence_timeout_s)
+    def allowance_s(self) -> float:
+        return allowance(self.cfg, self.average_s)
 
     async def load(self) -> float:
-        """Read the user's average (best effort: no Redis, no stretch); the stretch."""
+        """Read the user's average (best effort: no Redis, the defaults); the allowance."""
         try:
             raw = await self.redis.hget(self.key, "avg")
         except (RedisError, OSError) as exc:
             log.warning("could not read learned pauses (%s); using the defaults", exc)
-            return self.stretch
+            return self.allowance_s
         self.average_s = float(raw) if raw is not None else None
-        return self.stretch
+        return self.allowance_s
 
     async def learn(self, pause_s: float) -> float:
-        """Fold one inner pause in; the new stretch."""
+        """Fold one inner pause in; the new allowance."""
         cap = self.silence_timeout_s * self.cfg.max_stretch  # a long gap says little more
         try:
             raw = await self._learn(keys=[self.key], args=[
                 f"{min(pause_s, cap):.3f}", self.cfg.adjustment_rate, self.cfg.ttl_s])
         except (RedisError, OSError) as exc:
             log.warning("could not store a learned pause (%s)", exc)
-            return self.stretch
+            return self.allowance_s
         self.average_s = float(raw)
-        return self.stretch
+        return self.allowance_s

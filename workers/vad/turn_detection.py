@@ -3,10 +3,9 @@
 Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
 (sample counts), so the result never depends on machine load:
 
-* **Speech** per window: ``workers.vad.speech_gate`` (Silero with hysteresis, and a
-  tracked noise floor that a steady hum cannot fool).
+* **Speech** per window: ``workers.vad.speech_gate`` (Silero, hysteresis, noise floor).
 * **A turn starts** once it holds ``min_turn_speech`` of speech; anything shorter
-  that fades out is a blip (cough, click) and never becomes a turn or a barge-in.
+  is a blip (cough, click): never a turn or a barge-in.
 * **A turn ends** at a pause. At ``trigger_silence`` the detector sends ASR a
   *speculative* ``TurnEnd`` of the turn so far and asks for Smart Turn's judgement
   (``NeedsTurnCheck`` -> ``judged(p)``); the caller hands ASR's transcript of that
@@ -25,35 +24,32 @@ Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
   ========================  ==========================================  =================
 
   A turn with less than ``min_speech_duration`` of speech ("yes", a name) ends
-  early only when Smart Turn says complete *and* the text has a verdict other
-  than "goes on"; else by the silence timeout. The probable-end wait and the
-  silence timeout are stretched for users who pause long (``stretch``, learned
-  per user by ``workers.vad.pauses``). A turn longer than ``max_turn_duration`` is cut.
+  early only if Smart Turn says complete *and* the text does not say "goes on".
+  The waits that let a reply play (commit wait, silence timeout) stretch to the
+  user's ``pause_allowance`` (``workers.vad.pauses``), at most
+  ``adaptive.max_stretch`` x. A turn longer than ``max_turn_duration`` is cut.
 
-* **Tentative ends.** ASR takes longer (~0.4-0.7 s on a small CPU) than Smart Turn
-  (~60 ms), and the text's verdict matters only if it says "goes on". So when the
-  table says "now" but the transcript is not there yet, the turn ends *tentatively*
-  (``TurnEnd(tentative=True)``: ASR and the LLM start at once, nothing is played)
-  and is committed (``Commit``) as soon as the text agrees — or, if it says "goes
-  on", once the silence timeout passes. Speech before the commit continues the
-  turn. The silence timeout always commits. No end is committed before
-  ``commit_silence`` (0.7 s): the reply is not ready sooner anyway (ASR, then the
-  LLM), and a pause shorter than that is often the user drawing breath.
+* **Tentative ends.** ASR (~0.4-0.7 s on a small CPU) is slower than Smart Turn
+  (~60 ms). When the table says "now" but the transcript is not in, the turn ends
+  *tentatively* (``TurnEnd(tentative=True)``: ASR and the LLM start, nothing plays)
+  and is committed (``Commit``) once the text agrees — or, if it says "goes on", at
+  the silence timeout, which always commits. Speech before the commit continues the
+  turn. No end is committed before ``commit_silence`` (0.7 s, stretched for users
+  who pause long): the reply is not ready sooner anyway, and a shorter pause is
+  often the user drawing breath.
 
-* **Preemptive ends.** A pause that the table leaves to the silence timeout (Smart
-  Turn unsure) still ends tentatively after ``preempt_silence`` once the transcript
-  is in and does not say "goes on" (rule ``preemptive``): the reply is prepared
-  while the timeout runs and plays at the commit, instead of starting then. It costs
-  an LLM request each time the user goes on instead (the turn is continued).
+* **Preemptive ends.** A pause left to the silence timeout (Smart Turn unsure) ends
+  tentatively after ``preempt_silence`` once the transcript is in and does not say
+  "goes on" (rule ``preemptive``): the reply is prepared while the timeout runs and
+  plays at the commit. It costs an LLM request each time the user goes on.
 
-* **Continuation**: after a turn ended, its audio is kept. If the user speaks
-  again before they heard any of the reply, the caller calls ``continue_turn()``
-  right after the ``SpeechStart``: the new speech joins the ended turn, and the
-  next ``TurnEnd`` covers the whole utterance from its first speech.
+* **Continuation**: an ended turn's audio is kept. If the user speaks again before
+  hearing the reply, the caller calls ``continue_turn()`` right after the
+  ``SpeechStart``: the next ``TurnEnd`` covers the whole utterance.
 
-The detector does no I/O: it returns ``Action``s, and asks for a judgement with
-``NeedsTurnCheck``; the caller runs the model (off the event loop) and hands the
-probability (and the transcript, when it has one) back with ``judged``.
+The detector does no I/O: it returns ``Action``s and asks for a judgement with
+``NeedsTurnCheck``; the caller runs the model off the event loop and hands the
+probability back (``judged``), and the transcript whenever it comes (``texted``).
 """
 
 from __future__ import annotations
@@ -89,8 +85,7 @@ TAIL = RATE // 10  # audio kept after the last speech window
 
 @dataclass
 class _Ended:
-    """The last turn that ended, kept so that speech before the reply is heard can
-    continue it, and, while tentative, what its commit waits for."""
+    """The last turn that ended: speech before its reply is heard continues it."""
 
     start: int
     speech: int
@@ -117,6 +112,7 @@ class TurnDetector:
         self.silence_timeout = seconds(fb.silence_timeout) if fb.enabled else None
         self.probable_silence = seconds(config.endpointing.probable_silence)
         self.commit_silence = seconds(config.endpointing.commit_silence) if self.use_text else 0
+        self.max_stretch = config.adaptive.max_stretch
         complete = config.endpointing.complete_silence
         self.complete_silence = seconds(complete) if complete is not None else None
         preempt = config.endpointing.preempt_silence
@@ -125,8 +121,8 @@ class TurnDetector:
         self.max_turn = seconds(fb.max_turn_duration)
         self.max_model_audio = seconds(st.max_audio)
         self.max_gap = seconds(config.continuation.max_gap)
-        # >= 1: how much longer than configured this user's waits are (workers.vad.pauses).
-        self.stretch = 1.0
+        # Samples of silence this user's waits cover (workers.vad.pauses); 0: the defaults.
+        self.pause_allowance = 0
 
         self.pos = 0  # samples consumed
         self.audio = KeptAudio()  # pre-roll while idle, the turn while active
@@ -170,8 +166,7 @@ class TurnDetector:
 
     def texted(self, speech_end: int, text: str | None) -> list[Action]:
         """ASR's transcript (None: none came) of the speculative ``TurnEnd`` whose speech
-        ended at ``speech_end``. A transcript of audio the user has since gone on from
-        is ignored."""
+        ended at ``speech_end``; ignored if the user has gone on since."""
         verdict = judge_text(text)
         ended = self._ended
         if self.turn_start is not None and self._checked_pause \
@@ -186,8 +181,7 @@ class TurnDetector:
 
     def continue_turn(self) -> list[Action]:
         """Right after a ``SpeechStart`` (while ``continuable``): this speech goes on with
-        the turn that ended last — the user was not heard out, none of the reply reached
-        them. The next ``TurnEnd`` covers the whole utterance from its first speech."""
+        the turn that ended last (none of its reply reached the user)."""
         ended, self._continuable = self._continuable, None
         if ended is None or self.turn_start is None:
             raise RuntimeError("continue_turn() without a continuable turn")
@@ -232,10 +226,12 @@ class TurnDetector:
             return None, ""
         if complete:
             return self.trigger, "smart_turn"
+        # With the text these ends start the reply (the commit wait lets it play);
+        gate = self._stretched if not self.use_text else int  # without, they commit.
         if probability >= st.threshold or kind == "question":
-            return self._stretched(self.probable_silence), "smart_turn_probable"
+            return gate(self.probable_silence), "smart_turn_probable"
         if kind == "complete" and self.complete_silence is not None:
-            return self._stretched(self.complete_silence), "text_complete"
+            return gate(self.complete_silence), "text_complete"
         return None, ""
 
     def _check_end(self) -> list[Action]:
@@ -252,7 +248,7 @@ class TurnDetector:
             wait, rule = self._wait(self._probability, judge_text("."), self.speech)
         if wait is not None and silence >= wait:
             # Before commit_silence the reply may not play yet: a tentative end.
-            return [self._end(rule, tentative=verdict is None or silence < self.commit_silence)]
+            return [self._end(rule, tentative=verdict is None or silence < self._commit_wait)]
         timeout = self._timeout
         if timeout is not None and silence >= timeout:
             return [self._end("silence_timeout", tentative=False)]
@@ -271,7 +267,7 @@ class TurnDetector:
         silence = self.pos - ended.speech_end
         if ended.verdict is not None:
             wait, _ = self._wait(ended.probability, ended.verdict, ended.speech)
-            if wait is not None and silence >= max(wait, self.commit_silence):
+            if wait is not None and silence >= max(wait, self._commit_wait):
                 return [self._commit("text")]
         timeout = self._timeout
         if timeout is not None and silence >= timeout:
@@ -355,8 +351,12 @@ class TurnDetector:
             return None
         return self._stretched(self.silence_timeout)
 
-    def _stretched(self, samples: int) -> int:
-        return int(samples * max(1.0, self.stretch))
+    @property
+    def _commit_wait(self) -> int:
+        return self._stretched(self.commit_silence)
+
+    def _stretched(self, samples: int) -> int:  # to the user's allowance, within bounds
+        return min(max(samples, self.pause_allowance), int(samples * self.max_stretch))
 
     # -- turn audio --------------------------------------------------------
     def _keep(self, window: np.ndarray) -> None:
