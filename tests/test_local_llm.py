@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -20,10 +22,12 @@ from voicebus.local_llm import (
     GGUF_PARTS,
     GGUF_SHA256,
     LocalLlmError,
+    LocalLlmServer,
     gguf_path,
     llm_endpoint,
     needs_local_server,
 )
+from voicebus.processes import free_port
 from workers.backends.model_files import ModelIntegrityError, assemble, packaged_path
 from workers.config import LlmConfig, LocalLlmConfig
 from workers.runtime.keys import Keys
@@ -82,6 +86,20 @@ def test_a_configured_endpoint_or_the_echo_backend_starts_no_server() -> None:
         assert url == "http://llm.example:8000/v1"
     with llm_endpoint(echo) as url:
         assert url is None
+
+
+def test_a_server_that_dies_on_its_first_request_is_reported_not_retried() -> None:
+    # As a llama.cpp built for instructions the CPU cannot run does (AMX in some VMs):
+    # it answers /models, then dies on the first completion.
+    server = LocalLlmServer(LlmConfig())
+    server.port = free_port()  # nothing listens there any more
+    server._proc = subprocess.Popen(
+        [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
+    try:
+        with pytest.raises(LocalLlmError, match=r"(?s)died \(signal SIGSEGV\).*GGML_NATIVE=OFF"):
+            server.warm_up()
+    finally:
+        server.stop()
 
 
 def test_a_worker_without_an_endpoint_starts_the_local_model(

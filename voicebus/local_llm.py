@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,7 +130,11 @@ class LocalLlmServer(processes.ChildServer):
                 raise LocalLlmError(f"the local LLM server exited with code "
                                     f"{self._proc.returncode}:\n{self.tail()}")
             if self.ready():
-                self.warm_up()
+                try:
+                    self.warm_up()
+                except LocalLlmError:
+                    self.stop()
+                    raise
                 log.info("local LLM server ready at %s in %.1f s", self.url,
                          time.monotonic() - started)
                 return self.url
@@ -159,10 +164,28 @@ class LocalLlmServer(processes.ChildServer):
             with urllib.request.urlopen(request, timeout=60) as response:
                 response.read()
         except (OSError, urllib.error.URLError) as exc:
+            self._raise_if_dead()
             log.warning("warming up the local LLM failed (%s); the first turn will be slower",
                         exc)
             return
         log.info("local LLM warmed up in %.2f s", time.monotonic() - started)
+
+    def _raise_if_dead(self) -> None:
+        """A server that dies on its first request will die on every turn's: say so now,
+        instead of starting workers that can only apologise."""
+        if self._proc is None:
+            return
+        try:
+            code = self._proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            return  # alive: a slow or refused request, not a crash
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+        raise LocalLlmError(
+            f"the local LLM server died ({how}) on its first request:\n{self.tail()}\n"
+            "A crash here usually means llama.cpp was built for instructions this CPU "
+            "cannot run (a native build's AMX faults inside some VMs). Rebuild it portably: "
+            "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install --no-cache-dir --force-reinstall "
+            "--no-deps 'llama-cpp-python==0.3.36'")
 
     def tail(self, chars: int = 2000) -> str:
         with contextlib.suppress(OSError):

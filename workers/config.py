@@ -112,8 +112,8 @@ class ContinuationConfig(_Section):
 
 
 class AdaptiveConfig(_Section):
-    """Per-user pause lengths, learned over time: users who pause long mid-turn get
-    longer waits (the silence timeout and the probable-end wait), within bounds."""
+    """Per-user pause lengths, learned: users who pause long mid-turn get longer waits
+    before a reply plays (the commit wait, the silence timeout), within bounds."""
     enabled: bool = True
     # Weight of each new inner pause in the user's running average (exponential).
     adjustment_rate: Probability = 0.1
