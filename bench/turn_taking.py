@@ -60,8 +60,8 @@ CUT_TOLERANCE_S = 0.1  # a decision this soon after a pause's labelled end still
 LENGTH_BINS = ((0.0, 0.3), *PAUSE_BINS, (1.5, 99.0))
 BUILTIN = ("default", "baseline")
 SESSION_SEED = 7
-# End of speech -> first reply audio, less the decision: the conversation bench's turns
-# (bench/conversation.py, this 2-core box) give ~0.9 s from a tentative end.
+# The decision -> the reply's first audio: bench/conversation.py on this 2-core box gave
+# p10 0.9 s, p50 1.24 s (2026-12-04); the faster end is taken, so the count errs high.
 REPLY_READY_S = 0.9
 EARLY_TURNS = 10  # a session's first turns, before much is learned of the user
 TARGET_SPAN = (0.3, 1.5)  # the inner pauses issue 10's target counts

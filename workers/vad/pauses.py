@@ -3,10 +3,11 @@
 Every time a user goes on after a pause inside their turn (or continues a turn that
 was cut), the pause is folded into a running average kept in Redis per user
 (exponential, weight ``adjustment_rate``; expires after ``ttl_s`` of silence from
-them). Each of the detector's waits at a pause — the commit wait (``commit_silence``:
-when a reply may play), the probable-end wait and the silence timeout — is stretched
-to cover ``margin`` times that average (the user's *allowance*), between 1x and
-``max_stretch`` x its configured value:
+them). The detector's waits that let a reply play — the commit wait
+(``commit_silence``) and the silence timeout (without the text signal, also the
+probable-end wait, which then commits at once) — are stretched to cover ``margin``
+times that average (the user's *allowance*), between 1x and ``max_stretch`` x their
+configured value:
 
     allowance = margin * average_pause
     wait      = clamp(allowance, configured, max_stretch * configured)  (the detector)
