@@ -125,7 +125,8 @@ def test_hung_server_gets_the_apology_within_the_timeout(
     session, _ = ask(sync_redis, keys, "are you there?")
     chunks = reply(sync_redis, keys, session)
     assert [(c.seq, c.text, c.last) for c in chunks] == [(0, APOLOGY, True)]
-    assert (chunks[0].created_ns - sent) / 1e9 < TIMEOUT + 1.0
+    # The timeout ended the wait, not the 30 s hang (a load-proof bound, not a speed test).
+    assert TIMEOUT <= (chunks[0].created_ns - sent) / 1e9 < TIMEOUT + 5
     assert len(server.requests) == 1  # a timeout is not retried
     acked(sync_redis, keys)
 
