@@ -668,6 +668,8 @@ def main() -> None:
                              "for the 'reply heard before the user went on' rows")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/turn_taking.json")
     args = parser.parse_args()
+    if args.session_turns < 1:
+        parser.error("--session-turns must be at least 1")
 
     started = time.perf_counter()
     configs = build_configs([n.strip() for n in args.configs.split(",") if n.strip()],
