@@ -403,6 +403,12 @@ def test_a_user_who_pauses_long_has_replies_committed_later(models) -> None:  # 
     assert (commit.decided - whole.speech_end) / RATE == pytest.approx(1.2, abs=0.05)
     # The reply is still prepared at once: the tentative end does not wait.
     assert 150 <= whole.delay_ms <= 300
+    # A question yields the turn whoever asks it: committed at the configured wait.
+    asked = detect(join(silence(1.0), speech(GO_FORWARD), silence(2.5)), models,
+                   transcribe=lambda _: "Can you go forward ten meters?", allowance_s=1.2)
+    [turn], [commit] = turns(asked), commits(asked)
+    assert commit.rule == "text" and commit.text_verdict.startswith("question")
+    assert (commit.decided - turn.speech_end) / RATE == pytest.approx(0.7, abs=0.05)
 
 
 def test_a_resumed_pause_is_reported_for_learning(models) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,8 @@ A user whose inner pauses average 0.3 s keeps the defaults; one who averages 0.6
 has their replies committed after 1.2 s of silence instead of 0.7 s; one who averages
 1.2 s waits 2.4 s instead of 1.5 s before the silence timeout ends a turn. The commit
 wait is the one that decides whether a pause cuts the turn (the reply plays); it is
-stretched for the users whose own pauses show they go on after such points.
+stretched for the users whose own pauses show they go on after such points (not after
+a question, which yields the turn whoever asks it).
 The immediate (tentative) Smart Turn end is not stretched: the reply is prepared at
 once, and only its playing waits.
 """

@@ -34,9 +34,9 @@ Fed with 32 ms windows of 16 kHz audio, in order, it decides — in *audio time*
   *tentatively* (``TurnEnd(tentative=True)``: ASR and the LLM start, nothing plays)
   and is committed (``Commit``) once the text agrees — or, if it says "goes on", at
   the silence timeout, which always commits. Speech before the commit continues the
-  turn. No end is committed before ``commit_silence`` (0.7 s, stretched for users
-  who pause long): the reply is not ready sooner anyway, and a shorter pause is
-  often the user drawing breath.
+  turn. No end is committed before ``commit_silence`` (0.7 s; stretched for users
+  who pause long, except after a question): the reply is not ready sooner anyway,
+  and a shorter pause is often the user drawing breath.
 
 * **Preemptive ends.** A pause left to the silence timeout (Smart Turn unsure) ends
   tentatively after ``preempt_silence`` once the transcript is in and does not say
@@ -205,8 +205,7 @@ class TurnDetector:
         return []
 
     @property
-    def noise_db(self) -> float:
-        """The tracked noise floor, dBFS."""
+    def noise_db(self) -> float:  # the tracked noise floor, dBFS
         return self.gate.noise_db
 
     # -- the rule table ----------------------------------------------------
@@ -235,8 +234,8 @@ class TurnDetector:
         return None, ""
 
     def _check_end(self) -> list[Action]:
-        """End the turn if this pause has lasted long enough: committed when the text's
-        verdict is in (or the text is not used), else tentatively."""
+        """End the turn if this pause lasted long enough; tentatively until the text's
+        verdict is in and the commit wait has passed (the reply may not play before)."""
         if self.turn_start is None or not self.announced or not self._checked_pause:
             return []
         silence = self.pos - self.last_speech_end
@@ -247,8 +246,8 @@ class TurnDetector:
             # tentatively (the commit needs the text to agree).
             wait, rule = self._wait(self._probability, judge_text("."), self.speech)
         if wait is not None and silence >= wait:
-            # Before commit_silence the reply may not play yet: a tentative end.
-            return [self._end(rule, tentative=verdict is None or silence < self._commit_wait)]
+            return [self._end(rule, tentative=verdict is None
+                              or silence < self._commit_wait(verdict))]
         timeout = self._timeout
         if timeout is not None and silence >= timeout:
             return [self._end("silence_timeout", tentative=False)]
@@ -267,7 +266,7 @@ class TurnDetector:
         silence = self.pos - ended.speech_end
         if ended.verdict is not None:
             wait, _ = self._wait(ended.probability, ended.verdict, ended.speech)
-            if wait is not None and silence >= max(wait, self._commit_wait):
+            if wait is not None and silence >= max(wait, self._commit_wait(ended.verdict)):
                 return [self._commit("text")]
         timeout = self._timeout
         if timeout is not None and silence >= timeout:
@@ -351,8 +350,9 @@ class TurnDetector:
             return None
         return self._stretched(self.silence_timeout)
 
-    @property
-    def _commit_wait(self) -> int:
+    def _commit_wait(self, verdict: TextVerdict | None) -> int:
+        if verdict is not None and verdict.verdict == "question":
+            return self.commit_silence  # a question yields the turn, however one pauses
         return self._stretched(self.commit_silence)
 
     def _stretched(self, samples: int) -> int:  # to the user's allowance, within bounds
