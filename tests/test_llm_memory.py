@@ -297,8 +297,9 @@ def test_a_summary_gives_way_to_a_live_turn_and_warms_the_next_prompt(
     answered(sync_redis, keys, session, second)
     wait_for(lambda: "gave way to a live turn" in workers.logs(), what="the summary giving way")
     assert server.requests[2].user_text == "And when is it warm?"
-    gate.set()
+    # Held mid-way until the worker hangs up: the server sees it while it waits.
     wait_for(lambda: server.requests[1].aborted, what="the first summary's request closed")
+    gate.set()
     # After the second reply it is tried again, stored, and the next prompt warmed.
     wait_for(lambda: sync_redis.get(keys.user_summary("ada")) == summary.encode(),
              what="the summary stored")

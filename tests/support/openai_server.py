@@ -13,8 +13,8 @@ the n-th request gets ``scripts[n]`` (the last script repeats).
   stream);
 * ``Script.error(500)``: an HTTP error with an OpenAI-style JSON body;
 * ``Script.reply(pieces, hold=(n, gate))``: ``n`` pieces, then nothing until the test
-  sets ``gate`` (a ``threading.Event``) or the server stops: a reply that is
-  "mid-way" for as long as the test needs, whatever the machine's load.
+  sets ``gate`` (a ``threading.Event``), the server stops or the client hangs up: a
+  reply that is "mid-way" for as long as the test needs, whatever the machine's load.
 
 Every request is recorded (its JSON body, when it came, whether the client hung up
 before the reply was complete).
@@ -23,6 +23,8 @@ before the reply was complete).
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -110,10 +112,18 @@ class ScriptedOpenAI:
     def sleep(self, seconds: float) -> None:
         self._stop.wait(seconds)
 
-    def wait_for(self, gate: threading.Event) -> None:
-        """Until the test sets ``gate`` or the server stops."""
+    def wait_for(self, gate: threading.Event, peer: socket.socket) -> None:
+        """Until the test sets ``gate``, the server stops or the client hangs up.
+
+        A hang-up is seen here, while nothing is written: a write after it can still
+        succeed (the kernel buffers it before the client's reset comes back), so
+        checking only on write would miss it at random.
+        """
         while not (gate.is_set() or self._stop.is_set()):
-            gate.wait(0.05)
+            readable, _, _ = select.select([peer], [], [], 0.05)
+            # The client sends nothing while it reads a reply: readable means it closed.
+            if readable and not peer.recv(1, socket.MSG_PEEK):
+                raise ConnectionResetError("the client hung up while the reply was held")
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -171,7 +181,7 @@ def _handler(server: ScriptedOpenAI) -> type[BaseHTTPRequestHandler]:
                     self.close_connection = True  # mid-body: no terminator, no [DONE]
                     return
                 if script.hold is not None and i == script.hold[0]:
-                    server.wait_for(script.hold[1])
+                    server.wait_for(script.hold[1], self.connection)
                 server.sleep(script.delay + script.pauses.get(i, 0.0))
                 self._write(_sse(chunk))
             if script.die_after is not None:
