@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.text.chunking import Chunker, chunks, normalize, strip_markdown
+from workers.text.chunking import Chunker, chunks, ends_sentence, normalize, strip_markdown
 
 MARKERS_AND_SPACE = re.compile(r"[\s*_`~#>+\-]")
 
@@ -334,3 +334,12 @@ def test_plain_text_is_only_whitespace_normalised(words: list[str]) -> None:
     out = chunks(list(text), "word")
     assert " ".join(out) == text
     assert len(out[0].split()) == min(5, len(words))
+
+
+def test_ends_sentence_tells_a_mid_sentence_chunk() -> None:
+    # What the TTS stage tightens joins by: word mode's first words do not end one.
+    first, rest = chunks(["Sure, I can help you with that. Anything else?"], "word")[:2]
+    assert (first, ends_sentence(first)) == ("Sure, I can help you", False)
+    assert ends_sentence(rest)
+    assert ends_sentence('He said "Stop."') and ends_sentence("Really?! ")
+    assert not ends_sentence("Here are three ideas:") and not ends_sentence("")

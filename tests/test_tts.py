@@ -22,7 +22,7 @@ import pytest
 from tests.transcripts import wer, words
 from workers.backends.asr import FasterWhisperRecognizer
 from workers.backends.assets import packaged_file
-from workers.backends.audio import level_db, pcm16_to_float
+from workers.backends.audio import level_db, pcm16_to_float, voiced_end
 from workers.backends.model_files import resolve_model
 from workers.backends.tts import (
     PIPER_VOICE,
@@ -39,7 +39,8 @@ from workers.backends.tts import (
     parse_wav,
 )
 from workers.config import TtsConfig
-from workers.tts_worker import ChunkMetrics, TtsStage
+from workers.text.chunking import chunks
+from workers.tts_worker import JOIN_TAIL_S, ChunkMetrics, TtsStage
 
 SENTENCE = "The weather in Paris is sunny today."
 MAX_WER = 0.35
@@ -196,6 +197,27 @@ def test_stage_audio_at_24k_is_understood(piper: TtsBackend,
     parts, _ = speak(TtsStage(piper, sample_rate=24_000), SPOKEN)  # (three sentences: SPOKEN)
     heard = tiny.transcribe(b"".join(pcm for pcm, _ in parts), 24_000).text
     assert wer(SPOKEN, heard) <= MAX_WER, heard
+
+
+def test_word_mode_joins_are_heard_as_one_sentence(piper: TtsBackend,
+                                                  tiny: FasterWhisperRecognizer) -> None:
+    # Word mode speaks a reply's first words on their own; played back to back with
+    # the rest, the words must all be heard and the sentence must not break where the
+    # chunks meet (the voice pads each utterance with 0.2-0.4 s of silence).
+    reply = ("The meeting has been moved to half past two on Wednesday afternoon. "
+             "To reset your password, open the settings page and choose security.")
+    said = chunks([reply], "word")
+    assert said[0] == "The meeting has been moved"  # a mid-sentence join follows
+    stage = TtsStage(piper, sample_rate=24_000)
+    played = [pcm16_to_float(b"".join(pcm for pcm, _ in speak(stage, text)[0])) for text in said]
+    heard = tiny.transcribe(np.concatenate(played), 24_000).text
+    assert wer(reply, heard) <= MAX_WER, heard
+    first, rest = played[0], played[1]
+    gap = (first.size - voiced_end(first, 24_000)) + (rest.size - voiced_end(rest[::-1], 24_000))
+    assert gap / 24_000 <= 2 * JOIN_TAIL_S + 0.02, gap / 24_000
+    # Where a sentence ends, the voice keeps its own pause.
+    sentence_end = played[1]
+    assert (sentence_end.size - voiced_end(sentence_end, 24_000)) / 24_000 > 0.1
 
 
 def test_empty_text_is_one_empty_final_part(piper: TtsBackend) -> None:

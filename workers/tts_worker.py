@@ -12,7 +12,10 @@
   Only the very end is held back, and only briefly (``HOLD_S``): a part is sent as
   ``final_part`` when the backend says there is nothing more in time, else it goes
   as is and an empty part ends the chunk later. An empty text (the reply ended on the
-  previous chunk) becomes one empty final part.
+  previous chunk) becomes one empty final part. Where a chunk ends mid-sentence (word
+  mode's first words) it keeps only ``JOIN_TAIL_S`` of silence, and so does the start
+  of the chunk that goes on: the sentence runs on without the break the voice puts
+  around every utterance it speaks.
 * **Failures** never leave the gateway waiting: the backend's fallback (espeak-ng,
   see ``workers.backends.tts``) speaks what the primary cannot; if synthesis still
   fails, the audio so far ends with an (empty) final part and an error is logged.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -38,18 +42,22 @@ from typing import Any
 from opentelemetry import trace
 
 from schemas import AudioChunk, Event, TextChunk
-from workers.backends.audio import float_to_pcm16, resample
+from workers.backends.audio import float_to_pcm16, resample, voiced_end
 from workers.backends.tts import Piece, TtsBackend, load_backend
 from workers.config import Config
 from workers.observability import semconv
 from workers.observability.metrics import fallbacks
 from workers.runtime import Context, Emit, JobStage
-from workers.text.chunking import chunks
+from workers.text.chunking import chunks, ends_sentence
 
 log = logging.getLogger(__name__)
 
 TOKEN_S = 0.04  # one ``tts.chunk_size`` unit: a chatterbox speech token (25 Hz)
 HOLD_S = 0.05  # the last audio of a chunk waits this long to learn it is the last
+# Silence kept on each side of a mid-sentence join (word mode's first words): the voice
+# puts 0.15-0.25 s after every utterance (and up to 0.4 s before some), as long as its
+# pause between sentences, and a listener hears that as a break in the sentence.
+JOIN_TAIL_S = 0.05
 RECENT = 256  # ChunkMetrics kept for benchmarks
 
 # The backend's pieces of one text chunk, each with "more sentences follow".
@@ -189,9 +197,14 @@ class TtsStage:
     def _pieces(self, text: str) -> Steps:
         """The backend's pieces, sentence by sentence, each with "more text follows"."""
         sentences = chunks([text])
+        open_start = text.lstrip()[:1].islower()  # sentences start with a capital
+        open_end = not ends_sentence(text)
         for i, sentence in enumerate(sentences):
+            last = i == len(sentences) - 1
             for piece in self.backend.synthesize(sentence):
-                yield piece, i < len(sentences) - 1
+                # Every backend here speaks a sentence as one piece: it is the whole
+                # sentence, so its head and tail are the join's.
+                yield _join(piece, head=open_start and i == 0, tail=open_end and last), not last
 
     def _slices(self, piece: Piece) -> list[bytes]:
         audio = resample(piece.audio, piece.sample_rate, self.sample_rate)
@@ -204,6 +217,18 @@ class TtsStage:
             metrics.first_audio = time.perf_counter()
         metrics.audio_s += len(pcm) / 2 / self.sample_rate
         return pcm, final
+
+
+def _join(piece: Piece, *, head: bool, tail: bool) -> Piece:
+    """``piece`` with at most ``JOIN_TAIL_S`` of silence at a mid-sentence join: after
+    its voice (``tail``), before it (``head``). Never cuts into the voice."""
+    audio, margin = piece.audio, round(JOIN_TAIL_S * piece.sample_rate)
+    if tail:
+        audio = audio[:voiced_end(audio, piece.sample_rate) + margin]
+    if head:
+        start = audio.size - voiced_end(audio[::-1], piece.sample_rate)
+        audio = audio[max(0, start - margin):]
+    return piece if audio is piece.audio else dataclasses.replace(piece, audio=audio)
 
 
 def _advance(steps: Steps) -> asyncio.Future[tuple[Piece, bool] | None]:

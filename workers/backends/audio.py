@@ -64,6 +64,18 @@ def level_db(block: np.ndarray) -> float:
     return 10.0 * float(np.log10(max(power, 1e-10)))
 
 
+def voiced_end(audio: np.ndarray, rate: int, floor_db: float = -40.0) -> int:
+    """Samples up to the end of the last 10 ms frame above ``floor_db`` (0: all silent)."""
+    frame = max(1, rate // 100)
+    n = audio.size // frame
+    if n == 0:
+        return 0
+    frames = audio[: n * frame].reshape(n, frame).astype(np.float64)
+    power = np.mean(np.square(frames), axis=1)
+    voiced = np.flatnonzero(10.0 * np.log10(np.maximum(power, 1e-10)) > floor_db)
+    return int(voiced[-1] + 1) * frame if voiced.size else 0
+
+
 class ArrivalClock:
     """When audio time reached us: (audio ms at the end of each frame, wall-clock ns it
     arrived) for the recent frames, so a speech end in audio time can be placed on the

@@ -128,6 +128,13 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+def ends_sentence(text: str) -> bool:
+    """Whether a chunk ends where a sentence does (a terminal, then only closers):
+    ``False`` for word mode's first few words and for a long sentence cut at a clause."""
+    end = text.rstrip().rstrip("".join(CLOSERS))
+    return bool(end) and end[-1] in TERMINALS
+
+
 def _has_alnum(word: str) -> bool:
     return any(ch.isalnum() for ch in word)
 
