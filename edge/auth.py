@@ -65,6 +65,8 @@ def verify(secret: bytes, token: str | None, *, now: float | None = None) -> str
         raise TokenError("no token")
     if len(token) > MAX_TOKEN_BYTES:
         raise TokenError("token too long")
+    if not token.isascii():  # ours are base64url; HMAC compares ASCII text only
+        raise TokenError("malformed token")
     payload, dot, signature = token.partition(".")
     if not dot or not payload or not signature:
         raise TokenError("malformed token")

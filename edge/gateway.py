@@ -65,7 +65,7 @@ from edge.bus_tap import OUT_BLOCK_MS, BusTap
 from edge.device_session import Closing, DeviceSession, TurnCancelledNotice
 from schemas import SessionStarted
 from workers.config import Config
-from workers.observability.logs import log_context
+from workers.observability.logs import Throttled, log_context
 from workers.runtime.bus import DELETE_IF_EQUAL, Bus, connect
 from workers.runtime.cancel import CancelLane
 from workers.runtime.keys import Keys
@@ -88,6 +88,7 @@ class Gateway:
         self.cancel = CancelLane(self.bus, config.redis.session_ttl_s)
         self.cancel.listeners.append(self._on_cancel)
         self.secret = load_secret(config.gateway.secret, config.gateway.secret_file)
+        self.refusals = Throttled(log)  # a refused token is anyone's to send, many times
         self.sessions: dict[str, DeviceSession] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stop = asyncio.Event()
@@ -138,7 +139,7 @@ class Gateway:
         try:
             user = verify(self.secret, token)
         except TokenError as exc:
-            log.info("refused a device from %s: %s", connection.remote_address, exc)
+            self.refusals.info("refused a device from %s: %s", connection.remote_address, exc)
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, f"token refused: {exc}\n")
         connection.user_id = user  # type: ignore[attr-defined]
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -109,6 +110,8 @@ def chunk(sid: str, turn: str, seq: int, part: int, value: int, *, final: bool =
     ("not-a-token", "malformed"),
     (mint(b"another-secret-that-is-long", "alice", 60), "bad signature"),
     (mint(SECRET.encode(), "alice", 60, now=time.time() - 3600), "expired"),
+    ("%C3%A4bc.d%C3%A9f", "malformed"),  # non-ASCII, as a browser would send it
+    (mint(SECRET.encode(), "alice", 60) + "%C3%A9", "malformed"),
 ])
 async def test_bad_tokens_are_refused_at_the_handshake(gateway: Gateway, token: str | None,
                                                        why: str) -> None:
@@ -116,6 +119,21 @@ async def test_bad_tokens_are_refused_at_the_handshake(gateway: Gateway, token: 
         await connect(url_of(gateway, token))
     assert refused.value.response.status_code == 401
     assert why in refused.value.response.body.decode()
+
+
+async def test_refusals_are_one_short_line_each_and_cannot_flood_the_log(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="voicebus.gateway")
+    refused = 0
+    for i in range(40):
+        with pytest.raises(InvalidStatus) as error:
+            await connect(url_of(gateway, "%E2%9C%93" * (i % 3 + 1) + ".x"))
+        refused += error.value.response.status_code == 401
+    assert refused == 40
+    lines = [r for r in caplog.records if r.name == "voicebus.gateway"]
+    assert 1 <= len(lines) <= 10  # the first few, then counted
+    assert all("refused a device" in r.getMessage() and r.exc_info is None for r in lines)
+    assert all(len(r.getMessage()) < 200 for r in lines)
 
 
 async def test_a_tampered_token_is_refused(gateway: Gateway) -> None:

@@ -5,11 +5,18 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from workers.observability.logs import log_context, session_id, setup_logging, turn_id
+from workers.observability.logs import (
+    Throttled,
+    log_context,
+    session_id,
+    setup_logging,
+    turn_id,
+)
 
 TEXT_LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (?P<level>[A-Z]+) +(?P<component>\S+) "
@@ -157,3 +164,22 @@ async def test_task_inherits_context_it_was_created_in() -> None:
 async def _log_later() -> None:
     await asyncio.sleep(0)
     logging.getLogger("x").info("from child task")
+
+
+def test_throttled_logs_a_burst_then_counts_the_rest() -> None:
+    logger = logging.getLogger("voicebus.test.throttled")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        throttled = Throttled(logger, burst=3, window_s=0.2)
+        for i in range(50):
+            throttled.info("refused %d", i)
+        assert seen == ["refused 0", "refused 1", "refused 2"]
+        time.sleep(0.25)
+        throttled.info("refused %d", 50)
+        assert seen[3].startswith("... and 47 more like it in") and seen[4] == "refused 50"
+    finally:
+        logger.removeHandler(handler)

@@ -7,6 +7,7 @@ created in, and a `log_context` inside one task never leaks into another.
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -159,3 +160,29 @@ def _text_value(value: object) -> str:
     if not text or any(c.isspace() or c in '"=' for c in text):
         return json.dumps(text)
     return text
+
+
+class Throttled:
+    """At most ``burst`` lines per ``window_s`` from one kind of event that anyone on the
+    network can cause (a refused token): the rest are counted and said in one line when
+    the next window opens, so the log cannot be flooded."""
+
+    def __init__(self, logger: logging.Logger, *, burst: int = 10,
+                 window_s: float = 60.0) -> None:
+        self.logger, self.burst, self.window_s = logger, burst, window_s
+        self._opened = -window_s  # the first event opens a window
+        self._logged = 0
+        self._suppressed = 0
+
+    def info(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._opened >= self.window_s:
+            if self._suppressed:
+                self.logger.info("... and %d more like it in %.0f s, not logged",
+                                 self._suppressed, now - self._opened)
+            self._opened, self._logged, self._suppressed = now, 0, 0
+        if self._logged < self.burst:
+            self._logged += 1
+            self.logger.info(msg, *args)
+        else:
+            self._suppressed += 1
