@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from schemas import DeadLetter, Transcript, TurnEnded, encode
+from schemas import DeadLetter, SessionEnded, Transcript, TurnEnded, encode
 from tests.busutil import cancel_turn, dead_letters, pending, publish, read_all
 from tests.conftest import wait_for
 from workers.runtime.bus import FIELD
@@ -106,6 +106,21 @@ def test_poison_goes_to_dead_letters_and_the_worker_carries_on(
     assert poisoned.session_id == "s1"
     wait_for(lambda: not pending(sync_redis, queue, "asr"), what="everything acked")
     assert proc.poll() is None  # still alive
+
+
+def test_an_event_the_stage_does_not_handle_is_dead_lettered_with_the_reason(
+        workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    workers.start("slow-asr")
+    stray = publish(sync_redis, queue, SessionEnded(session_id="s1", reason="gone"))
+    publish(sync_redis, queue, turn("s1", "t1"))
+    wait_for(lambda: read_all(sync_redis, keys.out("s1")), what="the turn after it answered")
+    [dead] = wait_for(lambda: dead_letters(sync_redis, keys), what="the dead letter")
+    assert dead.entry_id == stray
+    assert dead.reason == ("the asr stage does not handle session_ended events "
+                           "(it takes turn_ended)")
+    wait_for(lambda: not pending(sync_redis, queue, "asr"), what="both acked")
 
 
 def test_entry_delivered_too_often_is_dead_lettered(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]

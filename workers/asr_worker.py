@@ -185,4 +185,5 @@ def build(config: Config) -> JobStage:
     log.info("ASR ready in %.2f s (model %s, %s, beam %d)", time.perf_counter() - started,
              config.asr.model, config.asr.compute_type, config.asr.beam_size)
     return JobStage("asr", AsrStage(recognizer, config.asr.speculative_ttl_s).handle,
+                    accepts=(TurnEnded,),
                     concurrency=config.asr.concurrency)

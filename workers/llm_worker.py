@@ -238,4 +238,4 @@ def build(config: Config) -> JobStage:
     backend = load_backend(config.llm)
     log.info("LLM stage ready: %s, %s chunking, timeout %.1f s", backend.name,
              config.llm.chunking, config.llm.timeout)
-    return JobStage("llm", LlmStage(backend, config).handle)
+    return JobStage("llm", LlmStage(backend, config).handle, accepts=(Transcript, Heard))

@@ -261,4 +261,4 @@ def build(config: Config) -> JobStage:
     log.info("TTS ready in %.2f s: %s, %d Hz out, parts of at most %.0f ms",
              time.perf_counter() - started, backend.name, tts.sample_rate,
              stage.max_samples / tts.sample_rate * 1000)
-    return JobStage("tts", stage.handle)
+    return JobStage("tts", stage.handle, accepts=(TextChunk,))

@@ -73,7 +73,7 @@ async def long_call_raced_against_cancel(event: Event, ctx: Context) -> AsyncIte
 
 STAGES = {
     "echo-session": SessionStage("vad", EchoSession),
-    "slow-asr": JobStage("asr", transcribe_slowly),
+    "slow-asr": JobStage("asr", transcribe_slowly, accepts=(TurnEnded,)),
     "chunker": JobStage("tts", chunked_until_cancelled),
     "long-call": JobStage("llm", long_call_raced_against_cancel),
 }

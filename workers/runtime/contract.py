@@ -139,6 +139,9 @@ class JobStage:
 
     name: str
     handle: Handler
+    # The event types it handles; anything else on its queue is dead-lettered with the
+    # reason (a producer's bug must show, not vanish). Empty: every type.
+    accepts: tuple[type[Event], ...] = ()
     # Jobs at once in one process; None: ``worker.concurrency``. A model that runs one
     # inference at a time (ASR) wants 1, and more processes to scale.
     concurrency: int | None = None

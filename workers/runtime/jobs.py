@@ -66,7 +66,7 @@ class JobWorker(Worker):
                        deliveries: int) -> None:
         try:
             outcome, _ = await self.handle_entry(
-                self.queue, entry_id, fields, deliveries, self.stage.handle)
+                self.queue, entry_id, fields, deliveries, self.stage.handle, self.stage.accepts)
             if outcome != "acked":
                 emitted = [entry_id] if outcome == "emitted" else []
                 await self.io(lambda: self.bus.ack(self.queue, self.group, [entry_id], emitted))

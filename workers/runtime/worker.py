@@ -252,11 +252,12 @@ class Worker:
     # -- handling one entry ----------------------------------------------
     async def handle_entry(
         self, stream: str, entry_id: str, fields: dict[bytes, bytes] | None, deliveries: int,
-        handler: Handler,
+        handler: Handler, accepts: tuple[type[Event], ...] = (),
     ) -> tuple[Outcome, Event | None]:
         """Decode, check, run the handler with retries, write its outputs.
 
-        Does not ack (callers batch acks), except for entries it dead-letters.
+        Does not ack (callers batch acks), except for entries it dead-letters: those that
+        do not decode and events of a type not in ``accepts`` (when it is not empty).
         """
         raw = (fields or {}).get(FIELD, b"")
         try:
@@ -264,6 +265,11 @@ class Worker:
         except SchemaError as exc:
             await self.dead_letter(stream, entry_id, raw, str(exc), deliveries)
             return "acked", None
+        if accepts and not isinstance(event, accepts):
+            takes = ", ".join(sorted(str(t.__struct_config__.tag) for t in accepts))
+            reason = f"the {self.name} stage does not handle {event.type} events (it takes {takes})"
+            await self.dead_letter(stream, entry_id, raw, reason, deliveries, event)
+            return "acked", event
         if deliveries > self.settings.max_deliveries:
             reason = (f"delivered {deliveries} times (limit {self.settings.max_deliveries}); "
                       "it may crash the workers that take it")
