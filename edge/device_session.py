@@ -94,8 +94,11 @@ class DeviceSession:
             return
         self.samples_in += len(data) // 2
         self.frame_times.mark(self.samples_in * 1000 // self.rate, time.time_ns())
-        await self.gateway.bus.publish(self.keys.audio(self.session_id), AudioFrame(
+        stream = self.keys.audio(self.session_id)
+        await self.gateway.bus.publish(stream, AudioFrame(
             session_id=self.session_id, seq=self.seq, sample_rate=self.rate, pcm=data))
+        if self.seq == 0:  # it was just created: bounded even if no teardown ever runs
+            await self.gateway.redis.expire(stream, self.gateway.config.session_streams_ttl_s())
         self.seq += 1
 
     def on_played(self, turn_id: str, samples: int) -> None:
@@ -322,12 +325,12 @@ class DeviceSession:
                 await self.gateway.cancel.cancel(sid, turn.turn_id, "device disconnected")
             await bus.publish(keys.audio(sid), SessionEnded(session_id=sid, reason=reason))
             ttl = self.gateway.config.redis.session_ttl_s
-            async with bus.redis.pipeline(transaction=False) as pipe:
-                pipe.expire(keys.audio(sid), ttl)  # the VAD shortens it once it has read it
-                pipe.expire(keys.out(sid), min(ttl, 60))
-                pipe.expire(keys.cancelled(sid), ttl)
-                pipe.delete(keys.active_turn(sid), keys.audible(sid))
-                await pipe.execute()
+            # The VAD tears the session down too; the shortest TTL wins, in any order.
+            await bus.shorten_ttls({
+                keys.audio(sid): ttl,  # the VAD shortens it once it has read it
+                keys.out(sid): min(ttl, 60),  # nobody reads it any more
+                keys.cancelled(sid): ttl})
+            await bus.redis.delete(keys.active_turn(sid), keys.audible(sid))
 
 
 class Closing(Exception):

@@ -413,3 +413,37 @@ async def test_disconnect_leaves_nothing_behind(gateway: Gateway,
         ttl = await client.ttl(key)
         assert ttl > 0, (key, ttl)
     assert not await client.exists(gateway.keys.active_turn(sid))
+    assert await client.ttl(gateway.keys.out(sid)) <= 60  # nobody reads it any more
+    # The VAD's release, run after the gateway's teardown as it mostly is, keeps them.
+    await gateway.bus.shorten_ttls({gateway.keys.out(sid): 3600, gateway.keys.audio(sid): 60})
+    assert await client.ttl(gateway.keys.out(sid)) <= 60
+    assert await client.ttl(gateway.keys.audio(sid)) <= 60
+
+
+async def test_teardown_expiries_do_not_depend_on_who_runs_last(
+        gateway: Gateway, client: aioredis.Redis) -> None:
+    bus, key = gateway.bus, f"{gateway.keys.prefix}:{{s1}}:out"
+    vad, gw = {key: 3600}, {key: 60}
+    for first, second in ((vad, gw), (gw, vad)):
+        await client.xadd(key, {FIELD: b"x"})
+        assert await client.ttl(key) == -1
+        await bus.shorten_ttls(first)
+        await bus.shorten_ttls(second)
+        assert 0 < await client.ttl(key) <= 60
+        await client.delete(key)
+    await bus.shorten_ttls(gw)
+    assert not await client.exists(key)  # a key that is gone stays gone
+
+
+async def test_a_new_sessions_audio_stream_expires_even_without_a_teardown(
+        gateway: Gateway, client: aioredis.Redis) -> None:
+    ws, ready = await open_session(gateway)
+    await ws.send(pcm(0, 320))
+    stream = gateway.keys.audio(ready["session_id"])
+    for _ in range(100):
+        if await client.exists(stream):
+            break
+        await asyncio.sleep(0.02)
+    ttl = await client.ttl(stream)
+    assert gateway.config.redis.session_ttl_s < ttl <= gateway.config.session_streams_ttl_s()
+    await ws.close()

@@ -41,6 +41,9 @@ def test_handles_jobs_and_acks_them(workers, prefix, sync_redis) -> None:  # typ
     assert sorted(e.turn_id for e in out) == sorted(f"t{i}" for i in range(10))
     assert all(isinstance(e, Transcript) and "320 bytes" in e.text for e in out)
     wait_for(lambda: not pending(sync_redis, keys.queue("asr"), "asr"), what="acks")
+    # No gateway ever started session s1: its out stream must not stay forever.
+    assert 3600 < sync_redis.ttl(keys.out("s1")) <= 7200
+    assert sync_redis.ttl(keys.queue("asr")) == -1  # a queue outlives every session
 
 
 def test_killed_worker_mid_job_is_finished_by_a_peer_exactly_once(

@@ -385,6 +385,11 @@ class Config(_Section):
                 f"{MIN_PROMPT_TOKENS} (raise n_ctx or lower max_tokens)")
         return self
 
+    def session_streams_ttl_s(self) -> int:
+        """How long a session's streams may live from their creation: the longest a
+        session lasts, then the time its keys are kept after it ends."""
+        return int(self.gateway.max_session_s) + self.redis.session_ttl_s
+
     def prompt_budget(self) -> int:
         """Most (estimated) tokens of a prompt. For the local server it is derived from
         its context so that prompt + reply never overflow it: llama.cpp refuses such a

@@ -10,6 +10,8 @@ Writes that must not be half-done are Lua scripts (atomic in Redis):
 * ``dead_letter``: record the entry on the dead-letter stream and ack it.
 * ``renew``: re-claim our own in-flight entries (a lease), but only those still
   ours: an entry a peer has taken over is reported back as lost.
+* ``shorten_ttls``: a session's teardown expiries, order-independent (the shortest
+  TTL asked for wins), so the gateway and the VAD can both tear a session down.
 """
 
 from __future__ import annotations
@@ -38,10 +40,30 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# ARGV[5] > 0: the output stream belongs to a session; if this write created it, it
+# expires in ARGV[5] ms (longer than a session lives), so no event for a session that
+# never existed, or one whose teardown was missed, leaves a stream forever.
 _EMIT = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return false end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
+if tonumber(ARGV[5]) > 0 and redis.call('PTTL', KEYS[2]) == -1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+return id
+"""
+
+# KEYS: keys; ARGV: a TTL in seconds for each. Sets it only where it shortens the key's
+# life (or the key has none; a missing key is left missing), so whoever tears a session
+# down, in whatever order, the shortest TTL anyone asked for wins (Redis 7's EXPIRE LT,
+# on 6.2 too).
+SHORTEN_TTLS = """
+for i, key in ipairs(KEYS) do
+  local ttl = tonumber(ARGV[i])
+  local now = redis.call('TTL', key)
+  if now == -1 or now > ttl then redis.call('EXPIRE', key, ttl) end
+end
+return 0
 """
 
 # KEYS[1] = stream, KEYS[2..] = dedup hashes; ARGV[1] = group, ARGV[2..] = ids
@@ -136,12 +158,14 @@ class Bus:
     keys: Keys
     maxlen: dict[str, int] = field(default_factory=dict)
     dedup_ttl_ms: int = 3_600_000
+    session_stream_ttl_ms: int = 7_200_000  # a session's streams, from their creation
 
     def __post_init__(self) -> None:
         self._emit = self.redis.register_script(_EMIT)
         self._ack = self.redis.register_script(_ACK)
         self._dead = self.redis.register_script(_DEAD_LETTER)
         self._renew = self.redis.register_script(_RENEW)
+        self._shorten = self.redis.register_script(SHORTEN_TTLS)
 
     def maxlen_for(self, stream: str) -> int:
         kind: StreamKind | None = self.keys.kind(stream)
@@ -157,11 +181,18 @@ class Bus:
     async def emit(self, source: str, group: str, entry_id: str, ordinal: int,
                    stream: str, event: Event) -> str | None:
         """Write output ``ordinal`` of input ``entry_id`` once; None if already written."""
+        in_session = self.keys.kind(stream) in ("out", "audio")
         result = await self._emit(
             keys=[self.keys.dedup(source, group, entry_id), stream],
-            args=[ordinal, self.maxlen_for(stream), encode(event), self.dedup_ttl_ms],
+            args=[ordinal, self.maxlen_for(stream), encode(event), self.dedup_ttl_ms,
+                  self.session_stream_ttl_ms if in_session else 0],
         )
         return as_str(result) if result else None
+
+    async def shorten_ttls(self, ttls: Mapping[str, int]) -> None:
+        """Give each key the TTL (s) where that shortens its life (``SHORTEN_TTLS``)."""
+        if ttls:
+            await self._shorten(keys=list(ttls), args=list(ttls.values()))
 
     async def ack(self, stream: str, group: str, entry_ids: Sequence[str],
                   emitted: Sequence[str] = ()) -> int:

@@ -38,6 +38,7 @@ class RuntimeSettings:
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     consumer_gc_idle_s: float = 600.0
     session_ttl_s: int = 3_600
+    session_streams_ttl_s: int = 7_200
     maxlen: Mapping[str, int] = field(default_factory=dict)
     concurrency: int = 4
     max_sessions: int = 1_000
@@ -58,6 +59,7 @@ class RuntimeSettings:
             max_event_bytes=r.max_event_bytes,
             consumer_gc_idle_s=r.consumer_gc_idle_s,
             session_ttl_s=r.session_ttl_s,
+            session_streams_ttl_s=config.session_streams_ttl_s(),
             maxlen=r.maxlen.model_dump(),
             concurrency=w.concurrency,
             max_sessions=w.max_sessions,

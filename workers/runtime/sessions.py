@@ -256,11 +256,11 @@ class SessionWorker(Worker):
         await owned.handler.close()
         ttl = self.settings.session_ttl_s
         await self.io(lambda: self.bus.ack(self.announcements, self.group, [owned.announce_id]))
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.expire(owned.stream, min(ttl, 60))
-        pipe.expire(self.keys.cancelled(owned.started.session_id), ttl)
-        pipe.expire(self.keys.out(owned.started.session_id), ttl)  # late replies still drain
-        await self.io(pipe.execute)
+        sid = owned.started.session_id
+        # The gateway tears the session down too; the shortest TTL wins, in any order.
+        await self.io(lambda: self.bus.shorten_ttls({
+            owned.stream: min(ttl, 60),  # read to its end: nobody needs it any more
+            self.keys.cancelled(sid): ttl, self.keys.out(sid): ttl}))
         self._forget(owned)
         self.stats["sessions_ended"] += 1
         log.info("%s: session %s ended", self.consumer, owned.started.session_id)

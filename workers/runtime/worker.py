@@ -101,7 +101,8 @@ class Worker:
         self.redis = connect(settings.url)
         self.reader = connect(settings.url, blocking_ms=settings.block_ms)
         self._control_reader = connect(settings.url, blocking_ms=settings.block_ms)
-        self.bus = Bus(self.redis, self.keys, dict(settings.maxlen))
+        self.bus = Bus(self.redis, self.keys, dict(settings.maxlen),
+                       session_stream_ttl_ms=settings.session_streams_ttl_s * 1000)
         # Leases and reclaiming get their own connections: a heartbeat must never
         # queue behind hundreds of sessions' acks, or peers would think us dead.
         self._lease_client = connect(settings.url)
