@@ -167,6 +167,8 @@ class DeviceSession:
             await self.send(protocol.TranscriptMessage(turn_id, event.text, final=True,
                                                        failed=event.failed))
         elif isinstance(event, TextChunk):
+            if turn.done or turn.cancelled or event.seq in turn.texts:
+                return  # a duplicate (an LLM job run twice) or too late: each seq once
             turn.first_text_ns = turn.first_text_ns or event.created_ns
             if event.ttft_ms is not None:
                 turn.llm_ttft_ms = event.ttft_ms

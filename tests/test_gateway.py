@@ -232,6 +232,30 @@ async def test_reply_audio_is_sent_in_order_once_each(gateway: Gateway,
     await ws.close()
 
 
+async def test_each_reply_chunk_goes_to_the_device_once_and_never_after_its_turn(
+        gateway: Gateway, client: aioredis.Redis) -> None:
+    ws, ready = await open_session(gateway)
+    sid = ready["session_id"]
+    out = gateway.keys.out(sid)
+    await ws.send(pcm(0, 320))
+    await publish(client, out,
+                  TextChunk(session_id=sid, turn_id="t1", seq=0, text="Hi."),
+                  # An LLM worker frozen past its lease wakes up and writes seq 0 again.
+                  TextChunk(session_id=sid, turn_id="t1", seq=0, text="Hello there."),
+                  TextChunk(session_id=sid, turn_id="t1", seq=1, text="Bye.", last=True),
+                  chunk(sid, "t1", 0, 0, 1), chunk(sid, "t1", 1, 0, 2, last=True))
+    got = await receive(ws, "turn_done")
+    assert [m["text"] for m in got if isinstance(m, dict) and m["type"] == "reply"] == [
+        "Hi.", "Bye."]
+    await publish(client, out,
+                  TextChunk(session_id=sid, turn_id="t1", seq=0, text="Hello there."),
+                  TextChunk(session_id=sid, turn_id="t1", seq=2, text="Late.", last=True),
+                  Transcript(session_id=sid, turn_id="t2", text="next"))
+    later = await receive(ws, "transcript")
+    assert [m["type"] for m in later if isinstance(m, dict)] == ["transcript"]
+    await ws.close()
+
+
 # -- barge-in ----------------------------------------------------------------------------
 async def test_barge_in_flushes_stops_audio_and_keeps_what_was_heard(
         gateway: Gateway, client: aioredis.Redis, prefix: str) -> None:
