@@ -302,3 +302,31 @@ def test_a_live_worker_keeps_its_long_job_and_a_frozen_one_loses_it(
     time.sleep(1.0)  # the abandoned job writes nothing, late or not
     assert len(read_all(sync_redis, keys.out("s2"))) == 1
     assert not pending(sync_redis, queue, "asr")
+
+
+def test_a_frozen_worker_that_wakes_up_cannot_write_for_a_job_a_peer_took(
+        workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    """Fencing: the write script checks the entry is still the writer's, so a worker
+    frozen past its lease writes nothing when it wakes, whatever its lease loop does."""
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    env = {"TEST_CLAIM_IDLE_MS": "600"}
+    a = workers.start("slow-asr", **env)
+    b = workers.start("slow-asr", **env)
+    publish(sync_redis, queue, turn("s3", "frozen", rule="answer_on_go"))
+    holder = wait_for(lambda: pending(sync_redis, queue, "asr"), what="taken")[0]
+    frozen, peer = (a, b) if str(a.pid) in holder["consumer"].decode() else (b, a)
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        out = wait_for(lambda: read_all(sync_redis, keys.out("s3")), timeout=15,
+                       what="the peer answering")
+        assert str(peer.pid) in out[0].text
+        wait_for(lambda: not pending(sync_redis, queue, "asr"), what="the peer's ack")
+        sync_redis.set(f"{prefix}:test:go", 1)  # the frozen one will write at once
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    wait_for(lambda: "lost" in workers.logs(), timeout=10, what="the frozen one giving up")
+    time.sleep(0.5)
+    out = read_all(sync_redis, keys.out("s3"))
+    assert len(out) == 1 and "(late)" not in out[0].text, [e.text for e in out]
+    assert not pending(sync_redis, queue, "asr")

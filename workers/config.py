@@ -27,6 +27,11 @@ class _Section(BaseModel):
     # Inherited by every model below: unknown keys are errors, values are immutable.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def _at_most(self, low: str, high: str) -> Self:  # for model_validator(mode="after")
+        if getattr(self, low) > getattr(self, high):
+            raise ValueError(f"{low} must be <= {high}")
+        return self
+
 
 class SmartTurnConfig(_Section):
     """Smart Turn v3 end-of-turn classifier (ONNX)."""
@@ -42,9 +47,7 @@ class SmartTurnConfig(_Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
-        if self.confidence_threshold < self.threshold:
-            raise ValueError("confidence_threshold must be >= threshold")
-        return self
+        return self._at_most("threshold", "confidence_threshold")
 
 
 class VadFallbackConfig(_Section):
@@ -196,9 +199,7 @@ class LlmConfig(_Section):
 
     @model_validator(mode="after")
     def _chunk_bounds(self) -> Self:
-        if self.word_chunk_min > self.word_chunk_max:
-            raise ValueError("word_chunk_min must be <= word_chunk_max")
-        return self
+        return self._at_most("word_chunk_min", "word_chunk_max")
 
 
 class TtsConfig(_Section):
@@ -248,11 +249,9 @@ class MemoryConfig(_Section):
         s = self.summarization
         # Only matters when summarization runs; otherwise the cap alone trims history.
         if s.enabled and not s.keep_recent < s.trigger_at <= self.max_messages_per_user:
-            raise ValueError(
-                "need summarization.keep_recent < summarization.trigger_at"
-                f" <= max_messages_per_user, got {s.keep_recent}, {s.trigger_at}"
-                f", {self.max_messages_per_user}"
-            )
+            raise ValueError("need summarization.keep_recent < summarization.trigger_at <= "
+                             f"max_messages_per_user, got {s.keep_recent}, {s.trigger_at}, "
+                             f"{self.max_messages_per_user}")
         return self
 
 
@@ -271,9 +270,7 @@ class ContextWindowConfig(_Section):
 
     @model_validator(mode="after")
     def _block_fits(self) -> Self:
-        if self.trim_block > self.keep_recent_messages:
-            raise ValueError("trim_block must be <= keep_recent_messages")
-        return self
+        return self._at_most("trim_block", "keep_recent_messages")
 
 
 class MaxLenConfig(_Section):
@@ -378,16 +375,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> Self:
-        if self.prompt_budget() < MIN_PROMPT_TOKENS:
-            raise ValueError(
-                f"llm.local.n_ctx {self.llm.local.n_ctx} leaves {self.prompt_budget()} tokens "
-                f"for the prompt after llm.max_tokens {self.llm.max_tokens}; need at least "
-                f"{MIN_PROMPT_TOKENS} (raise n_ctx or lower max_tokens)")
+        if (budget := self.prompt_budget()) < MIN_PROMPT_TOKENS:
+            raise ValueError(f"llm.local.n_ctx {self.llm.local.n_ctx} leaves {budget} tokens "
+                             f"for the prompt after llm.max_tokens {self.llm.max_tokens}; "
+                             f"need at least {MIN_PROMPT_TOKENS} (raise n_ctx or lower max_tokens)")
         return self
 
     def session_streams_ttl_s(self) -> int:
-        """How long a session's streams may live from their creation: the longest a
-        session lasts, then the time its keys are kept after it ends."""
+        """A session's streams' TTL from creation: its longest life, then its keys' TTL."""
         return int(self.gateway.max_session_s) + self.redis.session_ttl_s
 
     def prompt_budget(self) -> int:

@@ -39,6 +39,14 @@ async def transcribe_slowly(event: Event, ctx: Context) -> AsyncIterator[Emit]:
             raise RuntimeError("this turn always fails")
         if event.rule == "hold_first_delivery" and ctx.deliveries == 1:
             await asyncio.Event().wait()  # mid-job until a peer takes it over (lease tests)
+        if event.rule == "answer_on_go" and ctx.deliveries == 1:
+            # Its answer in hand, it waits for the test's go (fencing tests).
+            while not await ctx.bus.redis.exists(f"{ctx.keys.prefix}:test:go"):  # noqa: ASYNC110 (a key in Redis, set by the test process)
+                await asyncio.sleep(0.005)
+            text = f"heard {len(event.audio)} bytes by {ctx.consumer} (late)"
+            yield Emit(ctx.keys.out(event.session_id), Transcript(
+                session_id=event.session_id, turn_id=event.turn_id, text=text))
+            return
         if DELAY:
             await asyncio.sleep(DELAY)
         yield Emit(ctx.keys.out(event.session_id), Transcript(

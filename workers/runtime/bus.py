@@ -2,10 +2,11 @@
 
 Writes that must not be half-done are Lua scripts (atomic in Redis):
 
-* ``emit``: write one output of an input entry *once*. The output's ordinal
-  within that entry's handling is recorded in a small dedup hash, so when the
-  entry is handled again (a retry, or a peer reclaiming it after a crash) the
-  outputs already written are not written twice.
+* ``emit``: write one output of an input entry *once*, and only while the entry
+  is still the writer's (fencing). The output's ordinal within that entry's
+  handling is recorded in a small dedup hash, so when the entry is handled again
+  (a retry, or a peer reclaiming it after a crash) the outputs already written are
+  not written twice.
 * ``ack``: acknowledge entries and drop their dedup hashes in one step.
 * ``dead_letter``: record the entry on the dead-letter stream and ack it.
 * ``renew``: re-claim our own in-flight entries (a lease), but only those still
@@ -33,6 +34,10 @@ from workers.runtime.keys import Keys, StreamKind
 
 FIELD = b"e"  # the one field of every entry: the encoded event
 
+
+class LeaseLost(Exception):
+    """The input entry was taken over by a peer: this worker must not write for it."""
+
 # KEYS[1] = a key; ARGV[1] = the value we set. Deletes it only if it still holds that
 # value (a lock or marker that may have expired and been set again by someone else).
 DELETE_IF_EQUAL = """
@@ -40,10 +45,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# KEYS: dedup hash, output stream, input stream; ARGV: ordinal, maxlen, payload, dedup
+# TTL ms, session stream TTL ms, group, input entry id, consumer.
+# Fencing: the output is written only while the input entry is still pending to the
+# writer (returns 0 otherwise): a worker frozen past its lease, whose entry a peer took
+# over (and maybe acked), cannot write its outputs again when it wakes up.
 # ARGV[5] > 0: the output stream belongs to a session; if this write created it, it
 # expires in ARGV[5] ms (longer than a session lives), so no event for a session that
 # never existed, or one whose teardown was missed, leaves a stream forever.
 _EMIT = """
+local p = redis.call('XPENDING', KEYS[3], ARGV[6], ARGV[7], ARGV[7], 1)
+if not p[1] or p[1][2] ~= ARGV[8] then return 0 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return false end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
@@ -178,15 +190,20 @@ class Bus:
         )
         return as_str(entry_id)
 
-    async def emit(self, source: str, group: str, entry_id: str, ordinal: int,
-                   stream: str, event: Event) -> str | None:
-        """Write output ``ordinal`` of input ``entry_id`` once; None if already written."""
+    async def emit(self, source: str, group: str, consumer: str, entry_id: str,
+                   ordinal: int, stream: str, event: Event) -> str | None:
+        """Write output ``ordinal`` of input ``entry_id`` once; None if already written.
+
+        Raises ``LeaseLost`` if the entry is no longer pending to ``consumer``.
+        """
         in_session = self.keys.kind(stream) in ("out", "audio")
         result = await self._emit(
-            keys=[self.keys.dedup(source, group, entry_id), stream],
+            keys=[self.keys.dedup(source, group, entry_id), stream, source],
             args=[ordinal, self.maxlen_for(stream), encode(event), self.dedup_ttl_ms,
-                  self.session_stream_ttl_ms if in_session else 0],
+                  self.session_stream_ttl_ms if in_session else 0, group, entry_id, consumer],
         )
+        if result == 0:
+            raise LeaseLost(f"{entry_id} on {source} is no longer {consumer}'s")
         return as_str(result) if result else None
 
     async def shorten_ttls(self, ttls: Mapping[str, int]) -> None:

@@ -150,7 +150,8 @@ class JobStage:
 
 
 # What became of an entry: "acked" (dead-lettered, already acked), "emitted" (handled
-# and wrote outputs), "handled" (no outputs), "cancelled" (its turn was cancelled).
-Outcome = Literal["acked", "emitted", "handled", "cancelled"]
+# and wrote outputs), "handled" (no outputs), "cancelled" (its turn was cancelled),
+# "lost" (a peer took it over: not ours to ack).
+Outcome = Literal["acked", "emitted", "handled", "cancelled", "lost"]
 
 

@@ -67,7 +67,7 @@ class JobWorker(Worker):
         try:
             outcome, _ = await self.handle_entry(
                 self.queue, entry_id, fields, deliveries, self.stage.handle, self.stage.accepts)
-            if outcome != "acked":
+            if outcome not in ("acked", "lost"):
                 emitted = [entry_id] if outcome == "emitted" else []
                 await self.io(lambda: self.bus.ack(self.queue, self.group, [entry_id], emitted))
         except (asyncio.CancelledError, Stopping):

@@ -230,7 +230,7 @@ class SessionWorker(Worker):
                         break
                     outcome, event = await self.handle_entry(
                         stream, entry_id, fields, deliveries, owned.handler.handle)
-                    if outcome != "acked":
+                    if outcome not in ("acked", "lost"):
                         done.append(entry_id)
                     if outcome == "emitted":
                         emitted.append(entry_id)

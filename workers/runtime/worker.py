@@ -40,7 +40,7 @@ from schemas import DeadLetter, Event, SchemaError, TurnEvent, decode
 from workers.observability import metrics, semconv, telemetry
 from workers.observability.logs import log_context
 from workers.runtime import janitor
-from workers.runtime.bus import FIELD, Bus, as_str, connect, consumer_name
+from workers.runtime.bus import FIELD, Bus, LeaseLost, as_str, connect, consumer_name
 from workers.runtime.cancel import CancelLane
 from workers.runtime.contract import Context, Handler, Outcome, RuntimeSettings
 from workers.runtime.keys import Keys
@@ -327,12 +327,17 @@ class Worker:
             try:
                 async for out in handler(event, ctx):
                     await self.io(lambda o=out, n=ordinal: self.bus.emit(  # type: ignore[misc]
-                        stream, self.group, entry_id, n, o.stream, o.event))
+                        stream, self.group, self.consumer, entry_id, n, o.stream, o.event))
                     ordinal += 1
                 self.stats["handled"] += 1
                 return ("emitted" if ordinal else "handled"), event
             except (asyncio.CancelledError, Stopping):
                 raise
+            except LeaseLost:
+                self.stats["lost_leases"] += 1
+                log.warning("%s: lost %s to a peer (frozen past its lease?); "
+                            "its output is not written", self.consumer, entry_id)
+                return "lost", event
             except Exception as exc:
                 self.stats["handler_errors"] += 1
                 if attempt == attempts:
