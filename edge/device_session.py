@@ -40,6 +40,7 @@ from schemas import (
 from workers.backends.audio import ArrivalClock
 from workers.observability.logs import log_context
 from workers.runtime.keys import Keys
+from workers.runtime.worker import Backoff
 
 if TYPE_CHECKING:
     from edge.gateway import Gateway
@@ -74,6 +75,7 @@ class DeviceSession:
         self.last_frame = time.monotonic()
         self.window_start = time.monotonic()
         self.window_frames = 0
+        self.bus_down_since: float | None = None  # frames are held: Redis is down
 
     @property
     def keys(self) -> Keys:
@@ -95,11 +97,37 @@ class DeviceSession:
         self.samples_in += len(data) // 2
         self.frame_times.mark(self.samples_in * 1000 // self.rate, time.time_ns())
         stream = self.keys.audio(self.session_id)
-        await self.gateway.bus.publish(stream, AudioFrame(
+        await self.publish_through_outage(stream, AudioFrame(
             session_id=self.session_id, seq=self.seq, sample_rate=self.rate, pcm=data))
         if self.seq == 0:  # it was just created: bounded even if no teardown ever runs
-            await self.gateway.redis.expire(stream, self.gateway.config.session_streams_ttl_s())
+            with contextlib.suppress(RedisError, OSError):  # its teardown sets one too
+                await self.gateway.redis.expire(stream,
+                                                self.gateway.config.session_streams_ttl_s())
         self.seq += 1
+
+    async def publish_through_outage(self, stream: str, event: AudioFrame) -> None:
+        """Publish, riding out a Redis outage of up to ``gateway.bus_outage_s``: the
+        device stays connected, its frames wait in order in the socket's buffers, and
+        flow on when Redis answers (a frame sent twice by a retry is dropped by the VAD,
+        by its seq). A longer outage raises, and the device is closed with 1011."""
+        backoff, since = Backoff(first=0.05, cap=0.5), None
+        while True:
+            try:
+                await self.gateway.bus.publish(stream, event)
+                break
+            except (RedisError, OSError) as exc:
+                now = time.monotonic()
+                if since is None:
+                    since = self.bus_down_since = now
+                    log.warning("Redis unavailable (%s); holding the device's audio", exc)
+                if now - since > self.gateway.config.gateway.bus_outage_s:
+                    raise
+                await asyncio.sleep(backoff.next())
+        if since is not None:
+            log.info("Redis back after %.1f s; the device's audio flows again",
+                     time.monotonic() - since)
+            self.bus_down_since = None
+            self.last_frame = time.monotonic()
 
     def on_played(self, turn_id: str, samples: int) -> None:
         turn = self.turns.get(turn_id)

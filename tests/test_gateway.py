@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -33,6 +33,7 @@ from schemas import (
     decode,
     encode,
 )
+from voicebus.redis_server import EmbeddedRedis
 from voicebus.status import collect, render
 from workers.config import Config, GatewayConfig, RedisConfig
 from workers.llm.memory import ConversationMemory
@@ -471,3 +472,86 @@ async def test_a_new_sessions_audio_stream_expires_even_without_a_teardown(
     ttl = await client.ttl(stream)
     assert gateway.config.redis.session_ttl_s < ttl <= gateway.config.session_streams_ttl_s()
     await ws.close()
+
+
+# -- Redis outages -------------------------------------------------------------------------
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def outage_gateway(server: EmbeddedRedis, outage_s: float) -> Gateway:
+    config = Config(redis=RedisConfig(url=server.url, key_prefix="out"),
+                    gateway=GatewayConfig(port=0, secret=SECRET, idle_timeout_s=1.0,
+                                          bus_outage_s=outage_s))
+    gw = Gateway(config, server.url)
+    await gw.start()
+    return gw
+
+
+async def audio_seqs(client: aioredis.Redis, stream: str) -> list[int]:
+    return [decode(f[FIELD]).seq for _i, f in await client.xrange(stream)  # type: ignore[attr-defined]
+            if isinstance(decode(f[FIELD]), AudioFrame)]
+
+
+async def test_a_redis_restart_keeps_the_device_connected_and_loses_no_audio(
+        own_redis: EmbeddedRedis) -> None:
+    gw = await outage_gateway(own_redis, outage_s=15.0)
+    try:
+        ws, ready = await open_session(gw)
+        stream = gw.keys.audio(ready["session_id"])
+        for _ in range(5):
+            await ws.send(pcm(1, 320))
+        client = aioredis.Redis.from_url(own_redis.url)
+        for _ in range(100):
+            if len(await audio_seqs(client, stream)) == 5:
+                break
+            await asyncio.sleep(0.02)
+        await client.aclose()
+        own_redis.stop(keep_data=True)
+        for _ in range(30):  # 3 s of a device talking into an outage (idle_timeout_s 1)
+            await ws.send(pcm(2, 320))
+            await asyncio.sleep(0.1)
+        own_redis.start()
+        back = time.monotonic()
+        await ws.send(pcm(3, 320))
+        client = aioredis.Redis.from_url(own_redis.url)
+        try:
+            for _ in range(200):
+                if len(await audio_seqs(client, stream)) >= 36:
+                    break
+                await asyncio.sleep(0.02)
+            assert time.monotonic() - back < 2.0
+            # Every frame, in order; one sent twice by a retry is dropped by the VAD.
+            assert sorted(set(await audio_seqs(client, stream))) == list(range(36))
+        finally:
+            await client.aclose()
+        await ws.send(json.dumps({"type": "stop"}))  # still connected: a clean goodbye
+        with pytest.raises(ConnectionClosed) as closed:
+            await receive(ws, "never")
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_NORMAL
+    finally:
+        await gw.close()
+
+
+async def test_an_outage_longer_than_the_budget_closes_the_device_with_1011(
+        own_redis: EmbeddedRedis) -> None:
+    gw = await outage_gateway(own_redis, outage_s=1.0)
+    try:
+        ws, _ = await open_session(gw)
+        await ws.send(pcm(1, 320))
+        await asyncio.sleep(0.2)
+        own_redis.stop(keep_data=True)
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.send(pcm(2, 320))
+                await asyncio.sleep(0.1)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == protocol.CLOSE_SERVER_ERROR
+        assert 1.0 <= time.monotonic() - started < 5.0
+    finally:
+        await gw.close()

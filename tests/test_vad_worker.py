@@ -71,6 +71,26 @@ def test_a_spoken_command_becomes_a_turn(workers, prefix, sync_redis) -> None:  
     wait_for(lambda: "ended by smart_turn" in workers.logs(), what="the decision logged")
 
 
+def test_a_frame_sent_twice_is_heard_once(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    # The gateway retries a publish through a Redis outage: a frame that had arrived is
+    # sent again. Heard twice, it would shift the audio clock and the turn's audio.
+    keys = Keys(prefix)
+    workers.start_cli("vad")
+    publish(sync_redis, keys.sessions(), SessionStarted(session_id="s1", user_id="u",
+                                                        sample_rate=RATE))
+    data = pcm(join(silence(1.0), speech(GO_FORWARD), silence(2.0)))
+    step = RATE * 20 // 1000 * 2
+    for seq, offset in enumerate(range(0, len(data), step)):
+        frame = encode(AudioFrame(session_id="s1", seq=seq, sample_rate=RATE,
+                                  pcm=data[offset:offset + step]))
+        for _ in range(2 if seq % 3 == 0 else 1):
+            sync_redis.xadd(keys.audio("s1"), {FIELD: frame})
+    publish(sync_redis, keys.audio("s1"), SessionEnded(session_id="s1"))
+    [turn] = wait_for(lambda: final_turns(sync_redis, keys), what="turn ended")
+    assert abs(turn.speech_start_ms - 1500) < 150 and abs(turn.speech_end_ms - 3360) < 150
+    assert len(turn.audio) < (3360 - 1500 + 600) * 32  # the utterance, not a third more
+
+
 def test_two_sentences_are_two_turns_in_order(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
     keys = Keys(prefix)
     # Without continuation: with it, the second sentence would continue the first (no

@@ -323,11 +323,11 @@ class GatewayConfig(_Section):
     secret: str | None = Field(default=None, min_length=16)
     secret_file: str = "~/.config/voicebus/gateway.secret"
     token_ttl_s: PositiveInt = 3600  # lifetime of a token from `voicebus token`
-    # AudioFrame caps a frame at 128 KiB.
-    max_frame_bytes: Annotated[int, Field(ge=1024, le=131_072)] = 65536
+    max_frame_bytes: Annotated[int, Field(ge=1024, le=131_072)] = 65536  # AudioFrame's cap
     max_frames_per_s: PositiveInt = 100  # 20 ms frames are 50/s
     max_session_s: PositiveFloat = 3600.0
     idle_timeout_s: PositiveFloat = 60.0  # no frame from the device for this long: closed
+    bus_outage_s: PositiveFloat = 15.0  # Redis down: devices stay connected this long (1011)
 
 
 class TracingConfig(_Section):

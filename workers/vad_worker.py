@@ -118,10 +118,14 @@ class HybridVad:
         # clock for the turn-detection span, as the gateway does for its latency.
         self.frame_clock = ArrivalClock()  # when each frame was received (its created_ns)
         self.input_samples = 0
+        self.last_seq = -1
         self.barge_in = config.vad.barge_in
 
     async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
         if isinstance(event, AudioFrame):
+            if event.seq <= self.last_seq:
+                return  # the gateway sent it twice (a retry through a Redis outage)
+            self.last_seq = event.seq
             if event.sample_rate != self.rate:  # the device changed its rate mid-session
                 log.info("input rate changed %d -> %d Hz", self.rate, event.sample_rate)
                 self.rate = event.sample_rate

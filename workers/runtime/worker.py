@@ -76,7 +76,9 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
 class Backoff:
     """Exponential back-off with full jitter; resets after a quiet period."""
 
-    def __init__(self, first: float = 0.05, cap: float = 5.0) -> None:
+    # The cap bounds how long a worker takes to notice Redis is back (a refused
+    # connection costs nothing), so it resumes within a second of an outage's end.
+    def __init__(self, first: float = 0.05, cap: float = 1.0) -> None:
         self.first, self.cap, self.delay = first, cap, first
 
     def next(self) -> float:
