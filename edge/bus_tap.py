@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from schemas import Event, SchemaError, decode
 from workers.runtime.bus import FIELD, read
 from workers.runtime.cancel import CancelLane
-from workers.runtime.worker import Backoff
+from workers.runtime.retry import Backoff
 
 log = logging.getLogger("voicebus.gateway")
 

@@ -40,7 +40,7 @@ from schemas import (
 from workers.backends.audio import ArrivalClock
 from workers.observability.logs import log_context
 from workers.runtime.keys import Keys
-from workers.runtime.worker import Backoff
+from workers.runtime.retry import Backoff
 
 if TYPE_CHECKING:
     from edge.gateway import Gateway

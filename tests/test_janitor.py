@@ -8,6 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from workers.runtime import janitor
+from workers.runtime.keys import Keys
 
 
 @pytest.fixture
@@ -60,13 +61,39 @@ async def test_idle_consumers_go_but_never_with_pending_work(client, prefix) -> 
     await client.xgroup_createconsumer(stream, "llm", "gone-idle")
     await client.xreadgroup("llm", "gone-holding-work", {stream: ">"})
     await client.xgroup_createconsumer(stream, "llm", "me")
+    await client.xgroup_createconsumer(stream, "llm", "alive-idle")
+    keys = Keys(prefix)
+    await client.set(keys.alive("alive-idle"), 1, px=5000)
     await asyncio.sleep(0.3)
 
-    removed = await janitor.remove_idle_consumers(client, stream, "llm", 0.2, keep="me")
+    # Gone: no heartbeat and idle past dead_after_ms. A live one waits for idle_s.
+    removed = await janitor.remove_idle_consumers(client, keys, stream, "llm", 60,
+                                                  keep="me", dead_after_ms=200)
     assert removed == ["gone-idle"]
     names = {c["name"].decode() for c in await client.xinfo_consumers(stream, "llm")}
-    assert names == {"gone-holding-work", "me"}
+    assert names == {"gone-holding-work", "me", "alive-idle"}
+    removed = await janitor.remove_idle_consumers(client, keys, stream, "llm", 0.2,
+                                                  keep="me", dead_after_ms=200)
+    assert removed == ["alive-idle"]
     assert len(await client.xpending_range(stream, "llm", "-", "+", 10)) == 1
 
     assert not await janitor.remove_consumer_if_idle(client, stream, "llm", "gone-holding-work")
     assert await janitor.remove_consumer_if_idle(client, stream, "llm", "me")
+
+
+async def test_the_work_of_a_consumer_without_heartbeat_is_taken_once(client, prefix) -> None:  # type: ignore[no-untyped-def]
+    stream, keys = f"{prefix}:q:tts", Keys(prefix)
+    await client.xgroup_create(stream, "tts", id="0", mkstream=True)
+    for i in range(3):
+        await client.xadd(stream, {"e": str(i)})
+    await client.xreadgroup("tts", "dead", {stream: ">"}, count=2)
+    await client.xreadgroup("tts", "live", {stream: ">"}, count=1)
+    await client.set(keys.alive("live"), 1, px=5000)
+    assert await janitor.dead_holders(client, keys, stream, "tts", "me") == ["dead"]
+    await asyncio.sleep(0.1)
+    taken = await janitor.claim_from(client, stream, "tts", "me", "dead", 10, min_idle_ms=50)
+    assert [e[1][b"e"] for e in taken] == [b"0", b"1"]
+    # A second peer racing for them gets nothing: the claim reset their idle time.
+    assert await janitor.claim_from(client, stream, "tts", "peer", "me", 10,
+                                    min_idle_ms=50) == []
+    assert await janitor.dead_holders(client, keys, stream, "tts", "me") == []

@@ -71,6 +71,35 @@ def test_killed_worker_mid_job_is_finished_by_a_peer_exactly_once(
     assert "reclaimed" in workers.logs()
 
 
+def test_a_killed_workers_job_is_taken_over_when_its_heartbeat_stops(
+        workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    """Death is seen by the heartbeat key's expiry (1.5 s), not the claim idle time (30 s
+    here): the user waits about a second and a half for a dead worker, not the idle time."""
+    keys = Keys(prefix)
+    queue = keys.queue("asr")
+    env = {"TEST_STAGE_DELAY": "2.0", "TEST_CLAIM_IDLE_MS": "30000"}
+    first = workers.start("slow-asr", **env)
+    publish(sync_redis, queue, turn("s1", "t1"))
+    held = wait_for(lambda: pending(sync_redis, queue, "asr"), what="the job to be taken")
+    assert str(first.pid) in held[0]["consumer"].decode()
+    second = workers.start("slow-asr", **env)
+    wait_for(lambda: len(sync_redis.keys(f"{prefix}:alive:*")) == 2, what="both alive")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = time.monotonic()
+    wait_for(lambda: any(str(second.pid) in p["consumer"].decode()
+                         for p in pending(sync_redis, queue, "asr")),
+             timeout=20, interval=0.02, what="the peer taking the job")
+    assert time.monotonic() - killed_at < 10  # far sooner than the 30 s claim idle time
+    out = wait_for(lambda: read_all(sync_redis, keys.out("s1")), timeout=20, what="output")
+    assert len(out) == 1 and str(second.pid) in out[0].text
+    assert "is gone (no heartbeat)" in workers.logs()
+    # Its consumer leaves the group (and `voicebus status`) within seconds, not 600 s.
+    wait_for(lambda: not any(str(first.pid) in c["name"].decode()
+                             for c in sync_redis.xinfo_consumers(queue, "asr")),
+             timeout=10, what="the dead consumer removed")
+
+
 def test_poison_goes_to_dead_letters_and_the_worker_carries_on(
         workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
     keys = Keys(prefix)

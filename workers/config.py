@@ -310,8 +310,8 @@ class WorkerConfig(_Section):
     max_sessions: PositiveInt = 1000  # sessions one session-affine worker owns at most
     read_count: PositiveInt = 8  # entries read per stream per XREADGROUP
     shutdown_grace_s: PositiveFloat = 10.0  # in-flight handlers get this long on SIGTERM
-    janitor_interval_s: PositiveFloat = 10.0
-    # ^ how often streams are trimmed and idle consumers removed
+    janitor_interval_s: PositiveFloat = 10.0  # streams trimmed, dead consumers removed
+    liveness_ms: Annotated[int, Field(ge=100)] = 1500  # no heartbeat this long: dead
 
 
 class GatewayConfig(_Section):

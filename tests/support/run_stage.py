@@ -22,7 +22,8 @@ def main() -> None:
         claim_idle_ms=int(os.environ.get("TEST_CLAIM_IDLE_MS", "1000")),
         block_ms=200, shutdown_grace_s=float(os.environ.get("TEST_GRACE_S", "5")),
         janitor_interval_s=1.0, max_deliveries=int(os.environ.get("TEST_MAX_DELIVERIES", "5")),
-        concurrency=int(os.environ.get("TEST_CONCURRENCY", "4")))
+        concurrency=int(os.environ.get("TEST_CONCURRENCY", "4")),
+        liveness_ms=int(os.environ.get("TEST_LIVENESS_MS", "1500")))
     stage = STAGES[stage_name]
     worker: Worker = (JobWorker(stage, settings) if isinstance(stage, JobStage)
                       else SessionWorker(stage, settings))

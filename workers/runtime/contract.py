@@ -44,6 +44,7 @@ class RuntimeSettings:
     max_sessions: int = 1_000
     shutdown_grace_s: float = 10.0
     janitor_interval_s: float = 10.0
+    liveness_ms: int = 1_500
     read_count: int = 8
 
     @classmethod
@@ -66,6 +67,7 @@ class RuntimeSettings:
             read_count=w.read_count,
             shutdown_grace_s=w.shutdown_grace_s,
             janitor_interval_s=w.janitor_interval_s,
+            liveness_ms=w.liveness_ms,
         )
 
 

@@ -1,4 +1,5 @@
-"""Housekeeping that keeps streams bounded and consumer lists clean.
+"""Housekeeping that keeps streams bounded and consumer lists clean, and finds the
+consumers of dead processes (their heartbeat key has expired).
 
 Trimming never removes an entry some group still needs: a stream is trimmed up
 to the oldest entry that is pending or not yet delivered in any of its groups
@@ -9,10 +10,12 @@ behind it, for a stream whose consumers are gone for good.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from workers.runtime.bus import as_str
+from workers.runtime.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,37 @@ async def trim_consumed(redis: aioredis.Redis, stream: str) -> int:
     return int(await redis.xtrim(stream, minid=keep_from, approximate=True))
 
 
+async def dead_holders(redis: aioredis.Redis, keys: Keys, stream: str, group: str,
+                       me: str) -> list[str]:
+    """Consumers holding pending entries whose process is gone (no heartbeat key)."""
+    summary = await redis.xpending(stream, group)
+    holders = [as_str(c["name"]) for c in summary.get("consumers") or []
+               if int(c["pending"]) and as_str(c["name"]) != me]
+    if not holders:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for holder in holders:
+        pipe.exists(keys.alive(holder))
+    return [h for h, up in zip(holders, await pipe.execute(), strict=True) if not up]
+
+
+async def claim_from(redis: aioredis.Redis, stream: str, group: str, me: str, dead: str,
+                     count: int, min_idle_ms: int) -> list[Any]:
+    """Take over up to ``count`` of a dead consumer's pending entries, as ``XCLAIM``
+    replies them (``None`` for one trimmed away). ``min_idle_ms`` makes the claim one
+    peer's: the first claim resets the entry's idle time."""
+    rows = await redis.xpending_range(stream, group, min="-", max="+", count=count,
+                                      consumername=dead)
+    ids: list[Any] = [r["message_id"] for r in rows]
+    return list(await redis.xclaim(stream, group, me, min_idle_ms, ids)) if ids else []
+
+
 async def remove_idle_consumers(
-    redis: aioredis.Redis, stream: str, group: str, idle_s: float, keep: str
+    redis: aioredis.Redis, keys: Keys, stream: str, group: str, idle_s: float, keep: str,
+    dead_after_ms: int,
 ) -> list[str]:
-    """Delete consumers with nothing pending that have been idle for ``idle_s``.
+    """Delete consumers with nothing pending that have been idle for ``idle_s``, or
+    for ``dead_after_ms`` with no heartbeat (their process is gone).
 
     A consumer that still holds pending entries is never deleted: deleting it
     would drop those entries from the group. Its work is reclaimed first.
@@ -65,8 +95,10 @@ async def remove_idle_consumers(
     removed: list[str] = []
     delete_if_idle = redis.register_script(_DELETE_IF_IDLE)
     for consumer in await redis.xinfo_consumers(stream, group):
-        name = as_str(consumer["name"])
-        if name == keep or int(consumer["pending"]) or int(consumer["idle"]) < idle_s * 1000:
+        name, idle = as_str(consumer["name"]), int(consumer["idle"])
+        if name == keep or int(consumer["pending"]) or idle < dead_after_ms:
+            continue
+        if idle < idle_s * 1000 and await redis.exists(keys.alive(name)):
             continue
         if int(await delete_if_idle(keys=[stream], args=[group, name])) >= 0:
             removed.append(name)

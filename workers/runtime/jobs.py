@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 from workers.runtime.bus import as_str, read_group
 from workers.runtime.contract import JobStage, RuntimeSettings
-from workers.runtime.worker import Stopping, Worker
+from workers.runtime.retry import Stopping
+from workers.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class JobWorker(Worker):
 
     async def _read_loop(self) -> None:
         await self.ensure_groups()
+        await self.alive.wait()  # peers must see our heartbeat before we hold anything
         while not self.stopping.is_set():
             if self.free <= 0:
                 self._slot_free.clear()
@@ -94,18 +97,22 @@ class JobWorker(Worker):
                     task.cancel()
 
     async def _reclaim_loop(self) -> None:
-        """Take over entries left pending by consumers that died."""
+        """Take over entries left pending by consumers that died: at once when their
+        heartbeat is gone, else (a consumer alive but stuck) after ``claim_idle_ms``."""
         await self.ensure_groups()
-        cursor = "0-0"
+        cursor, next_sweep = "0-0", 0.0
         while not self.stopping.is_set():
-            await self.sleep(self.settings.claim_idle_ms / 2000 * random.uniform(0.8, 1.2))
+            await self.sleep(self.settings.liveness_ms / 5000 * random.uniform(0.8, 1.2))
             if self.free <= 0 or self.stopping.is_set():
                 continue
-            reply = await self.leases.redis.xautoclaim(
-                self.queue, self.group, self.consumer, self.settings.claim_idle_ms,
-                start_id=cursor, count=self.free)
-            cursor = as_str(reply[0])
-            claimed = [e for e in reply[1] if e is None or as_str(e[0]) not in self._in_flight]
+            found = await self.claim_from_dead(self.queue, self.free)
+            if not found and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.settings.claim_idle_ms / 2000
+                reply = await self.leases.redis.xautoclaim(
+                    self.queue, self.group, self.consumer, self.settings.claim_idle_ms,
+                    start_id=cursor, count=self.free)
+                cursor, found = as_str(reply[0]), reply[1]
+            claimed = [e for e in found if e is None or as_str(e[0]) not in self._in_flight]
             for entry_id, fields, deliveries in await self.pending_deliveries(self.queue, claimed):
                 self.stats["reclaimed"] += 1
                 log.info("%s: reclaimed %s (delivery %d)", self.consumer, entry_id, deliveries)

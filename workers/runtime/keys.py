@@ -102,6 +102,10 @@ class Keys:
         ``voicebus status`` reads the recent window). Capped; not a work stream."""
         return f"{self.prefix}:metrics:turns"
 
+    def alive(self, consumer: str) -> str:
+        """Present while the consumer's process lives (a heartbeat with a short TTL)."""
+        return f"{self.prefix}:alive:{consumer}"
+
     def dedup(self, stream: str, group: str, entry_id: str) -> str:
         """Which outputs of one input entry were already written (see runtime)."""
         return f"{stream}:dedup:{group}:{entry_id}"

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,7 +26,8 @@ from schemas import Event, SchemaError, SessionEnded, SessionStarted, decode
 from workers.observability.logs import log_context
 from workers.runtime.bus import FIELD, as_str, read_group
 from workers.runtime.contract import Context, Emit, RuntimeSettings
-from workers.runtime.worker import IO_ERRORS, Stopping, Worker, wait_event
+from workers.runtime.retry import Stopping, wait_event
+from workers.runtime.worker import IO_ERRORS, Worker
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,7 @@ class SessionWorker(Worker):
     # -- reading -----------------------------------------------------------
     async def _read_loop(self) -> None:
         await self.ensure_groups()
+        await self.alive.wait()  # peers must see our heartbeat before we hold anything
         while not self.stopping.is_set():
             streams: dict[str, str] = {}
             if len(self._owned) < self.settings.max_sessions:
@@ -293,20 +296,24 @@ class SessionWorker(Worker):
                     await lost.handler.close()
 
     async def _reclaim_loop(self) -> None:
-        """Adopt the sessions of owners that stopped heart-beating."""
+        """Adopt the sessions of owners that died (their heartbeat key is gone: at once)
+        or stopped renewing their lease (after ``claim_idle_ms``)."""
         await self.ensure_groups()
-        cursor = "0-0"
+        cursor, next_sweep = "0-0", 0.0
         while not self.stopping.is_set():
-            await self.sleep(self.settings.claim_idle_ms / 2000 * random.uniform(0.8, 1.2))
+            await self.sleep(self.settings.liveness_ms / 5000 * random.uniform(0.8, 1.2))
             room = self.settings.max_sessions - len(self._owned)
             if room <= 0 or self.stopping.is_set():
                 continue
-            reply = await self.leases.redis.xautoclaim(
-                self.announcements, self.group, self.consumer, self.settings.claim_idle_ms,
-                start_id=cursor, count=min(room, 16))
-            cursor = as_str(reply[0])
+            found = await self.claim_from_dead(self.announcements, min(room, 16))
+            if not found and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.settings.claim_idle_ms / 2000
+                reply = await self.leases.redis.xautoclaim(
+                    self.announcements, self.group, self.consumer, self.settings.claim_idle_ms,
+                    start_id=cursor, count=min(room, 16))
+                cursor, found = as_str(reply[0]), reply[1]
             mine = {o.announce_id for o in self._owned.values()}
-            claimed = [e for e in reply[1] if e is None or as_str(e[0]) not in mine]
+            claimed = [e for e in found if e is None or as_str(e[0]) not in mine]
             for entry_id, fields, deliveries in await self.pending_deliveries(
                     self.announcements, claimed):
                 self.stats["sessions_reclaimed"] += 1

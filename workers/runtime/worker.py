@@ -44,50 +44,13 @@ from workers.runtime.bus import FIELD, Bus, LeaseLost, as_str, connect, consumer
 from workers.runtime.cancel import CancelLane
 from workers.runtime.contract import Context, Handler, Outcome, RuntimeSettings
 from workers.runtime.keys import Keys
+from workers.runtime.retry import Backoff, Stopping, wait_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors that mean "Redis is not reachable right now": wait and try again.
 IO_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
-
-
-class Stopping(Exception):
-    """Raised inside I/O retries when shutdown gives up on Redis."""
-
-
-async def wait_event(event: asyncio.Event, seconds: float) -> bool:
-    """Wait for ``event`` at most ``seconds``; True if it is set.
-
-    Not ``asyncio.wait_for(event.wait(), ...)``: on Python 3.11 that swallows a
-    cancellation arriving just as the event is set (gh-86296), which left a
-    worker's background task running forever at shutdown.
-    """
-    if event.is_set():
-        return True
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        done, _ = await asyncio.wait({waiter}, timeout=seconds)
-        return bool(done)
-    finally:
-        waiter.cancel()
-
-
-class Backoff:
-    """Exponential back-off with full jitter; resets after a quiet period."""
-
-    # The cap bounds how long a worker takes to notice Redis is back (a refused
-    # connection costs nothing), so it resumes within a second of an outage's end.
-    def __init__(self, first: float = 0.05, cap: float = 1.0) -> None:
-        self.first, self.cap, self.delay = first, cap, first
-
-    def next(self) -> float:
-        delay = random.uniform(self.delay / 2, self.delay)
-        self.delay = min(self.cap, self.delay * 2)
-        return delay
-
-    def reset(self) -> None:
-        self.delay = self.first
 
 
 class Worker:
@@ -113,6 +76,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.stats: Counter[str] = Counter()
         self._give_up = asyncio.Event()  # set when the grace period is over
+        self.alive = asyncio.Event()  # our heartbeat key exists: we may take work
         self._down_since: float | None = None
 
     # -- lifecycle -------------------------------------------------------
@@ -148,7 +112,22 @@ class Worker:
                 self._control_reader, self.settings.block_ms, self.stopping
             ),
             "janitor": self._janitor_loop,
+            "liveness": self._liveness_loop,
         }
+
+    async def _liveness_loop(self) -> None:
+        """Keep our liveness key: when it expires (the process died or froze), peers
+        take our pending work at once instead of after ``claim_idle_ms``. Runs until
+        cancelled, after the drain; then the key goes."""
+        key, ttl = self.keys.alive(self.consumer), self.settings.liveness_ms
+        try:
+            while True:
+                await self.leases.redis.set(key, 1, px=ttl)
+                self.alive.set()
+                await asyncio.sleep(ttl / 5000)
+        finally:
+            with contextlib.suppress(*IO_ERRORS, asyncio.CancelledError):
+                await self.leases.redis.delete(key)
 
     async def _finish_in_flight(self) -> None:
         try:
@@ -386,8 +365,25 @@ class Worker:
                 trimmed = await janitor.trim_consumed(self.redis, stream)
                 self.stats["trimmed"] += trimmed
                 await janitor.remove_idle_consumers(
-                    self.redis, stream, self.group, self.settings.consumer_gc_idle_s,
-                    keep=self.consumer)
+                    self.redis, self.keys, stream, self.group, self.settings.consumer_gc_idle_s,
+                    keep=self.consumer, dead_after_ms=2 * self.settings.liveness_ms)
+
+    async def claim_from_dead(self, stream: str, count: int) -> list[Any]:
+        """Pending entries of consumers whose process is gone, now ours (``count`` at
+        most), as ``XCLAIM`` replies them."""
+        claimed: list[Any] = []
+        for dead in await janitor.dead_holders(self.leases.redis, self.keys, stream,
+                                               self.group, self.consumer):
+            if len(claimed) >= count:
+                break
+            taken = await janitor.claim_from(self.leases.redis, stream, self.group,
+                                             self.consumer, dead, count - len(claimed),
+                                             min_idle_ms=self.settings.liveness_ms // 5)
+            if taken:
+                log.info("%s: %s is gone (no heartbeat): took over %d entries",
+                         self.consumer, dead, len(taken))
+            claimed += taken
+        return claimed
 
     async def remove_own_consumer(self, stream: str) -> None:
         """On shutdown: leave no consumer behind unless it still holds work."""
