@@ -133,6 +133,24 @@ def test_bad_announcements_and_frames_are_dead_lettered(workers, prefix, sync_re
     assert proc.poll() is None
 
 
+def test_a_session_handler_is_never_run_twice_on_one_event(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    """A retry would feed its state the event again: the failing frame is dead-lettered
+    once, and the frames after it see the state of one pass over it."""
+    keys = Keys(prefix)
+    workers.start("echo-session")
+    start_sessions(sync_redis, keys, ["s"])
+    publish(sync_redis, keys.audio("s"), frame("s", 0))
+    publish(sync_redis, keys.audio("s"), AudioFrame(session_id="s", seq=1, sample_rate=16000,
+                                                    pcm=b"boom"))
+    publish(sync_redis, keys.audio("s"), frame("s", 2))
+    out = wait_for(lambda: (e := read_all(sync_redis, keys.out("s"))) and len(e) == 2 and e,
+                   what="the frames around the failing one")
+    assert [(e.seq, e.turn_id) for e in out] == [(0, "echo-1"), (2, "echo-3")]
+    [dead] = wait_for(lambda: read_all(sync_redis, keys.dead_letter()), what="dead letter")
+    assert "this frame breaks the handler (1 attempts)" in dead.reason
+    assert "handler raised" in workers.logs() and "attempt 1/" not in workers.logs()
+
+
 def test_a_draining_owner_keeps_its_sessions_until_it_hands_them_back(
         workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
     """SIGTERM with a backlog that takes longer than the claim idle time to drain:

@@ -19,13 +19,17 @@ class EchoSession:
 
     def __init__(self, started: SessionStarted) -> None:
         self.session_id = started.session_id
+        self.heard = 0  # state across events: frames taken in
 
     async def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]:
         if isinstance(event, AudioFrame):
+            self.heard += 1
+            if event.pcm == b"boom":  # fails after changing the state
+                raise RuntimeError("this frame breaks the handler")
             if DELAY:
                 await asyncio.sleep(DELAY)
             yield Emit(ctx.keys.out(self.session_id), AudioChunk(
-                session_id=self.session_id, turn_id="echo", seq=event.seq,
+                session_id=self.session_id, turn_id=f"echo-{self.heard}", seq=event.seq,
                 sample_rate=event.sample_rate, pcm=event.pcm))
 
     async def close(self) -> None:

@@ -35,7 +35,12 @@ _BACKLOG = 64  # entries queued per session before we stop reading its stream
 
 
 class SessionHandler(Protocol):
-    """Per-session state (e.g. a VAD's recurrent state) and its handler."""
+    """Per-session state (e.g. a VAD's recurrent state) and its handler.
+
+    The runtime never runs it twice on one event in-process: a retry would feed its
+    state the event again (a VAD's detector would hear a frame twice). An event it
+    raises on is dead-lettered with the error, and the session goes on.
+    """
 
     def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]: ...
 
@@ -108,6 +113,8 @@ class _Owned:
 
 
 class SessionWorker(Worker):
+    retries_handlers = False  # its handlers keep state across events (SessionHandler)
+
     def __init__(self, stage: SessionStage, settings: RuntimeSettings,
                  consumer: str | None = None) -> None:
         super().__init__(stage.name, settings, consumer)

@@ -56,6 +56,10 @@ IO_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 class Worker:
     """What both consumption modes share. Subclasses provide the loops."""
 
+    # A handler that raises is run again on the same event, up to
+    # ``handler_attempts`` times, unless it keeps state across events (see sessions).
+    retries_handlers = True
+
     def __init__(self, name: str, settings: RuntimeSettings, consumer: str | None = None) -> None:
         self.name = self.group = name
         # The span opened around each turn event's handling (the stage registry's), or None.
@@ -301,7 +305,7 @@ class Worker:
         self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
         handler: Handler,
     ) -> tuple[Outcome, Event | None]:
-        attempts = self.settings.handler_attempts
+        attempts = self.settings.handler_attempts if self.retries_handlers else 1
         for attempt in range(1, attempts + 1):
             ctx = Context(self.bus, self.cancel, self.consumer, stream, entry_id, deliveries, event)
             ordinal = 0
