@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 import numpy as np
@@ -89,6 +90,27 @@ def test_a_frame_sent_twice_is_heard_once(workers, prefix, sync_redis) -> None: 
     [turn] = wait_for(lambda: final_turns(sync_redis, keys), what="turn ended")
     assert abs(turn.speech_start_ms - 1500) < 150 and abs(turn.speech_end_ms - 3360) < 150
     assert len(turn.audio) < (3360 - 1500 + 600) * 32  # the utterance, not a third more
+
+
+def test_a_vad_killed_mid_utterance_loses_no_turn(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    """The frames of a turn in progress stay pending: the peer that takes the session
+    over replays them and ends the whole utterance as one turn."""
+    keys = Keys(prefix)
+    first = workers.start_cli("vad")
+    audio = join(silence(1.0), speech(GO_FORWARD), silence(2.0))
+    cut = 95 * 320  # 1.9 s: the middle of the utterance (1.5-3.36 s), on a frame edge
+    stream_session(sync_redis, keys, "s1", audio[:cut], end=False)
+    wait_for(lambda: any(isinstance(e, SpeechStarted)
+                         for e in read_all(sync_redis, keys.out("s1"))), what="speech started")
+    time.sleep(0.3)  # the frames sent are handled (acked, before the fix)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    workers.start_cli("vad")
+    stream_session(sync_redis, keys, "s1", audio[cut:], announce=False, first_seq=95)
+    [turn] = wait_for(lambda: final_turns(sync_redis, keys), timeout=30, what="the turn")
+    # The whole utterance (1.86 s of speech), not the half heard after the kill.
+    assert len(turn.audio) // 32 >= 1700, len(turn.audio) // 32
+    assert "owns session s1 (took over" in workers.logs()
 
 
 def test_two_sentences_are_two_turns_in_order(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]

@@ -349,6 +349,13 @@ class HybridVad:
         span.set_attribute(semconv.TURN_TENTATIVE, end.tentative)
         span.end(end_time=now)
 
+    @property
+    def keeps_pending(self) -> bool:
+        """A turn (or a blip) is under way: the runtime leaves its frames unacked until
+        it ends, so a peer that takes the session over (this process died) replays them
+        and ends the turn itself instead of losing it."""
+        return self.detector.turn_start is not None
+
     async def close(self) -> None:
         self.reblock = Reblocker(WINDOW)
 

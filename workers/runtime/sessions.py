@@ -40,6 +40,11 @@ class SessionHandler(Protocol):
     The runtime never runs it twice on one event in-process: a retry would feed its
     state the event again (a VAD's detector would hear a frame twice). An event it
     raises on is dead-lettered with the error, and the session goes on.
+
+    A handler may have a ``keeps_pending`` attribute: while it is true, the events
+    handled stay unacked (they are acked together once it turns false), so a peer
+    that takes the session over after this process dies replays them and rebuilds
+    the state they made (a VAD's turn in progress).
     """
 
     def handle(self, event: Event, ctx: Context) -> AsyncIterator[Emit]: ...
@@ -110,6 +115,8 @@ class _Owned:
     task: asyncio.Task[None] | None = None
     busy: bool = False  # handling a batch right now
     ended: bool = False
+    held: list[str] = field(default_factory=list)  # handled, unacked: keeps_pending
+    held_emitted: list[str] = field(default_factory=list)  # ...those that wrote outputs
 
 
 class SessionWorker(Worker):
@@ -249,7 +256,11 @@ class SessionWorker(Worker):
                     # A frame that emits nothing never suspends: yield, so a backlog of
                     # frames cannot starve the heartbeat (peers would take the session).
                     await asyncio.sleep(0)
-                await self._acks.ack(stream, done, emitted)
+                owned.held += done
+                owned.held_emitted += emitted
+                if owned.ended or not getattr(owned.handler, "keeps_pending", False):
+                    await self._acks.ack(stream, owned.held, owned.held_emitted)
+                    owned.held, owned.held_emitted = [], []
                 owned.busy = owned.ended  # an ended session stays busy until released
                 self._wake.set()
             await self._release(owned)
