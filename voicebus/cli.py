@@ -34,14 +34,21 @@ def _parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run one worker of a stage (start as many as you like)")
     w.add_argument("stage", choices=stages.NAMES)
+    w.add_argument("--standby", action="store_true",
+                   help="load the models, then wait for a line on stdin before taking work "
+                        "(EOF: exit); `voicebus up` keeps one per stage to replace a dead "
+                        "worker at once")
 
     s = sub.add_parser("status", help="streams, consumer groups, pending work, dead letters")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--sessions", action="store_true", help="list per-session streams one by one")
     s.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
 
-    sub.add_parser("up", help="start Redis, the local LLM, one worker per stage and the "
-                              "gateway, until Ctrl-C")
+    u = sub.add_parser("up", help="start Redis, the local LLM, one worker per stage and the "
+                                  "gateway, until Ctrl-C")
+    u.add_argument("--no-standby", action="store_true",
+                   help="no loaded standby per stage: a dead worker is restarted cold "
+                        "(saves a process's memory per stage; a restart takes seconds)")
     sub.add_parser("gateway", help="run the WebSocket gateway edge devices connect to")
     sub.add_parser("llm-server", help="run the local LLM server (llama.cpp) in the foreground, "
                                       "for LLM workers on this or other machines")
@@ -139,11 +146,20 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
                 config = config.model_copy(update={
                     "llm": config.llm.model_copy(update={"base_url": endpoint})})
             worker = build_worker(args.stage, config, url)
+            if args.standby and not _promoted(args.stage):
+                return 0
             try:
                 asyncio.run(worker.run(install_signals=True))
             except asyncio.CancelledError:  # a second Ctrl-C: stopped without waiting
                 return 130
     return 0
+
+
+def _promoted(stage: str) -> bool:
+    """A standby waits, models loaded, until its supervisor says go (a line on stdin);
+    True when it did, False when stdin closed (the supervisor stopped or died)."""
+    log.info("%s: standby ready (models loaded); waiting to be promoted", stage)
+    return bool(sys.stdin.readline())
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -185,7 +201,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 def cmd_up(args: argparse.Namespace, config: Config) -> int:
     from voicebus.supervisor import Supervisor
 
-    supervisor = Supervisor(config.redis.url, config_path=args.config, llm=config.llm)
+    supervisor = Supervisor(config.redis.url, config_path=args.config, llm=config.llm,
+                            standby=not args.no_standby)
     supervisor.start()
     print(f"voicebus is up: REDIS_URL={supervisor.url}  devices: {supervisor.gateway_url} "
           "(voicebus token --user ID; voicebus talk)  Ctrl-C to stop", file=sys.stderr)
