@@ -105,11 +105,13 @@ class DeviceSession:
                                                 self.gateway.config.session_streams_ttl_s())
         self.seq += 1
 
-    async def publish_through_outage(self, stream: str, event: AudioFrame) -> None:
+    async def publish_through_outage(self, stream: str, event: Event) -> None:
         """Publish, riding out a Redis outage of up to ``gateway.bus_outage_s``: the
         device stays connected, its frames wait in order in the socket's buffers, and
         flow on when Redis answers (a frame sent twice by a retry is dropped by the VAD,
-        by its seq). A longer outage raises, and the device is closed with 1011."""
+        by its seq). A longer outage raises, and the device is closed with 1011. The
+        session's start and what the user heard of a reply ride out an outage the same
+        way (a pooled connection that broke while Redis was away costs one retry)."""
         backoff, since = Backoff(first=0.05, cap=0.5), None
         while True:
             try:
@@ -326,7 +328,7 @@ class DeviceSession:
                 await turn.played_event.wait()
         heard = turn.heard_text(turn.played)
         try:  # the LLM stage's memory keeps only this of the reply
-            await self.gateway.bus.publish(self.keys.queue("llm"), Heard(
+            await self.publish_through_outage(self.keys.queue("llm"), Heard(
                 session_id=self.session_id, turn_id=turn_id, user_id=self.user_id,
                 text=heard, played_samples=turn.played, sent_samples=turn.sent_samples,
                 traceparent=turn.traceparent))

@@ -177,7 +177,7 @@ class Gateway:
         reason = "device disconnected"
         with log_context(session_id=sid):
             try:
-                await self.bus.publish(self.keys.sessions(), SessionStarted(
+                await session.publish_through_outage(self.keys.sessions(), SessionStarted(
                     session_id=sid, user_id=user, sample_rate=session.rate))
                 log.info("device connected: user %s, %d Hz", user, session.rate)
                 await session.send(protocol.Ready(

@@ -555,3 +555,26 @@ async def test_an_outage_longer_than_the_budget_closes_the_device_with_1011(
         assert 1.0 <= time.monotonic() - started < 5.0
     finally:
         await gw.close()
+
+
+async def test_a_device_that_connects_while_redis_is_away_is_served_when_it_is_back(
+        own_redis: EmbeddedRedis) -> None:
+    gw = await outage_gateway(own_redis, outage_s=15.0)
+    try:
+        ws, first = await open_session(gw)  # the pool now holds a connection Redis will drop
+        await ws.close()
+        own_redis.stop(keep_data=True)
+        opening = asyncio.create_task(open_session(gw, user="bob"))
+        await asyncio.sleep(1.5)
+        assert not opening.done()  # waiting for Redis, not closed with 1011
+        own_redis.start()
+        ws, ready = await asyncio.wait_for(opening, 10)
+        client = aioredis.Redis.from_url(own_redis.url)
+        try:
+            announced = [decode(f[FIELD]) for _i, f in await client.xrange(gw.keys.sessions())]
+        finally:
+            await client.aclose()
+        assert [e.session_id for e in announced] == [first["session_id"], ready["session_id"]]
+        await ws.close()
+    finally:
+        await gw.close()
