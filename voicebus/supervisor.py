@@ -200,7 +200,7 @@ class Supervisor:
     def _watch(self) -> None:
         """Replace what dies: a dead worker by its stage's standby at once (or, without
         one, a new process), a dead standby by a new one; a process that keeps dying
-        soon after it started is restarted with a growing delay."""
+        soon after it started is started again with a growing delay."""
         delays: dict[str, float] = {}
         due: list[tuple[float, str, bool]] = []  # (when, stage, standby)
         while not self._stopping.is_set():
@@ -218,8 +218,9 @@ class Supervisor:
                 continue
             with self._lock:
                 was_standby = self._standbys.get(stage) is proc
-                if was_standby or self._procs.get(stage) is proc:
-                    (self._standbys if was_standby else self._procs).pop(stage)
+                if not was_standby and self._procs.get(stage) is not proc:
+                    continue  # already replaced
+                (self._standbys if was_standby else self._procs).pop(stage)
                 lived = time.monotonic() - self._since.pop(proc.pid, 0.0)
             key = f"{stage}-standby" if was_standby else stage
             delay = delays.get(key, 0.0) if lived < CRASH_LOOP_S else 0.0
@@ -230,8 +231,10 @@ class Supervisor:
                 due.append((time.monotonic() + delay + STANDBY_AFTER_S, stage, True))
                 continue
             self._declare_dead(proc.pid)
+            # A standby is promoted whatever the dead one's age: a loop of deaths can go
+            # no faster than standbys load (each is started STANDBY_AFTER_S later).
             standby = self._standbys.get(stage)
-            if delay == 0.0 and standby is not None and self._promote(stage, standby):
+            if standby is not None and self._promote(stage, standby):
                 self._say(stage, f"exited with code {proc.returncode}; its standby "
                                  f"(pid {standby.pid}) took over")
                 due.append((time.monotonic() + STANDBY_AFTER_S, stage, True))
