@@ -1,0 +1,89 @@
+"""Kubernetes probes for voicebus pods (mounted from a ConfigMap; see deploy/k8s/README.md).
+
+    python /etc/voicebus/probe/probe.py ready|live vad|asr|llm|tts|gateway
+
+ready (readiness and startup): Redis answers, and a consumer of this pod (named
+``<stage>-<hostname>-<pid>-<random>``, the runtime's ``consumer_name``) is in the stage's
+consumer group with its heartbeat key (``<prefix>:alive:<consumer>``) present, i.e. the
+worker has joined its group and its liveness loop runs. The gateway: Redis answers and
+its port accepts connections.
+
+live (liveness): fails only when Redis answers and this pod has no live consumer in its
+group: the process is up but its loops are stuck. Redis unreachable is not the pod's
+fault (workers ride out an outage by themselves), so it passes.
+
+Key and group names come from the code (``workers.runtime.keys.Keys``, group = stage
+name), the Redis URL and prefix from the same configuration the worker loads
+(``VOICEBUS_CONFIG``, ``REDIS_URL``). Exit code 0: healthy; 1: not; 2: usage.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import redis
+
+from workers.config_load import load_config
+from workers.runtime.keys import Keys
+
+STAGES = ("vad", "asr", "llm", "tts")
+
+
+def stream_of(keys: Keys, stage: str) -> str:
+    """The stream whose consumer group ``stage`` a worker of that stage joins first."""
+    return keys.sessions() if stage == "vad" else keys.queue(stage)
+
+
+def live_consumers(client: redis.Redis, keys: Keys, stage: str, host: str) -> list[str]:
+    """This host's consumers in the stage's group whose heartbeat key exists."""
+    try:
+        consumers = client.xinfo_consumers(stream_of(keys, stage), stage)
+    except redis.ResponseError:  # no such stream or group yet
+        return []
+    names = [c["name"] for c in consumers]
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    ours = [n for n in names if n.startswith(f"{stage}-{host}-")]
+    return [n for n in ours if client.exists(keys.alive(n))]
+
+
+def port_open(port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("ready", "live") or argv[1] not in (*STAGES, "gateway"):
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    mode, stage = argv
+    config = load_config()
+    if not config.redis.url:
+        print("probe: REDIS_URL is not set", file=sys.stderr)
+        return 1
+    client = redis.Redis.from_url(config.redis.url, socket_timeout=2.0,
+                                  socket_connect_timeout=2.0)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        print(f"probe: Redis does not answer: {exc}", file=sys.stderr)
+        return 0 if mode == "live" else 1
+    if stage == "gateway":
+        ok = port_open(config.gateway.port)
+        if not ok:
+            print(f"probe: nothing listens on port {config.gateway.port}", file=sys.stderr)
+        return 0 if ok else 1
+    keys = Keys(config.redis.key_prefix)
+    found = live_consumers(client, keys, stage, socket.gethostname())
+    if not found:
+        print(f"probe: no live consumer of this pod in group {stage} of "
+              f"{stream_of(keys, stage)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
