@@ -31,8 +31,9 @@ def cmd_token(args: argparse.Namespace, config: Config) -> int:
     gateway = config.gateway
     try:
         secret = load_secret(gateway.secret, gateway.secret_file)
-        print(mint(secret, args.user, args.ttl or gateway.token_ttl_s))
-    except (OSError, ValueError) as exc:
+        token = mint(secret, args.user, args.ttl or gateway.token_ttl_s)
+        print(token if args.url is None else page_link(args.url or _page_url(config), token))
+    except (OSError, ValueError, ClientError) as exc:
         print(f"voicebus token: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -81,9 +82,24 @@ async def _talk_mic(url: str, token: str, out_dir: Path | None,
         loop.remove_signal_handler(signal.SIGINT)
 
 
+def page_link(base: str, token: str) -> str:
+    """The browser page at ``base`` with the token in the fragment: browsers never send
+    a fragment to a server (no token in access logs); the page removes it once read."""
+    return f"{base.split('#')[0].rstrip('/')}/#token={token}"
+
+
 def _url(args: argparse.Namespace, config: Config) -> str:
     if args.url:
         return str(args.url)
+    return f"ws://{_gateway_address(config)}{protocol.PATH}"
+
+
+def _page_url(config: Config) -> str:
+    return f"http://{_gateway_address(config)}/"
+
+
+def _gateway_address(config: Config) -> str:
+    """``host:port`` of the configured gateway, as this machine reaches it."""
     host, port = config.gateway.host, config.gateway.port
     if port == 0:
         raise ClientError("gateway.port is 0 (any free port): give --url")
@@ -91,7 +107,7 @@ def _url(args: argparse.Namespace, config: Config) -> str:
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"ws://{host}:{port}{protocol.PATH}"
+    return f"{host}:{port}"
 
 
 def _token(args: argparse.Namespace, config: Config) -> str:

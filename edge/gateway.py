@@ -39,7 +39,8 @@ session's ``user_id`` (memory is keyed by it), whatever the device says later.
   expire), its out stream and cancel hash expire, its ``active_turn`` is deleted,
   and its tasks end. Nothing of it stays in this process.
 
-The gateway never exposes Redis: devices see only the protocol.
+The gateway never exposes Redis: devices see only the protocol. Any other path on its
+port is plain HTTP for browsers: the web page and its token check (``edge.web_page``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from edge import protocol
 from edge.auth import TokenError, load_secret, verify
 from edge.bus_tap import OUT_BLOCK_MS, BusTap
 from edge.device_session import Closing, DeviceSession, TurnCancelledNotice
+from edge.web_page import WebPage
 from schemas import SessionStarted
 from workers.config import Config
 from workers.observability.logs import Throttled, log_context
@@ -89,6 +91,7 @@ class Gateway:
         self.cancel.listeners.append(self._on_cancel)
         self.secret = load_secret(config.gateway.secret, config.gateway.secret_file)
         self.refusals = Throttled(log)  # a refused token is anyone's to send, many times
+        self.web = WebPage(self.check_token, protocol.PATH)  # the browser page, plain HTTP
         self.sessions: dict[str, DeviceSession] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stop = asyncio.Event()
@@ -131,18 +134,24 @@ class Gateway:
     # -- handshake ----------------------------------------------------------
     def authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path)
-        if path.path != protocol.PATH:
-            return connection.respond(http.HTTPStatus.NOT_FOUND, f"no such path; use "
-                                      f"{protocol.PATH}\n")
+        if path.path != protocol.PATH:  # the browser page, its files, its token check
+            return self.web.respond(connection, request, path.path)
         token = _bearer(request.headers) or next(iter(parse_qs(path.query).get("token", [])),
                                                  None)
         try:
-            user = verify(self.secret, token)
+            user = self.check_token(connection, token)
         except TokenError as exc:
-            self.refusals.info("refused a device from %s: %s", connection.remote_address, exc)
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, f"token refused: {exc}\n")
         connection.user_id = user  # type: ignore[attr-defined]
         return None
+
+    def check_token(self, connection: ServerConnection, token: str | None) -> str:
+        """The token's user, or ``TokenError`` (logged, throttled) saying why not."""
+        try:
+            return verify(self.secret, token)
+        except TokenError as exc:
+            self.refusals.info("refused a device from %s: %s", connection.remote_address, exc)
+            raise
 
     # -- one connection -----------------------------------------------------
     async def handle(self, ws: ServerConnection) -> None:

@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--user", required=True, metavar="ID", help="the user the token names")
     t.add_argument("--ttl", type=float, metavar="SECONDS",
                    help="lifetime (default: gateway.token_ttl_s)")
+    t.add_argument("--url", nargs="?", const="", metavar="BASE",
+                   help="print a link that opens the browser page with the token, at BASE "
+                        "(default: http://gateway.host:gateway.port/; behind a TLS proxy, "
+                        "its https address)")
 
     k = sub.add_parser("talk", help="talk to the gateway: microphone and speaker, or WAV files")
     k.add_argument("--url", help="ws://HOST:PORT/v1/session (default: gateway.host/port)")
