@@ -208,8 +208,10 @@ def cmd_up(args: argparse.Namespace, config: Config) -> int:
     supervisor = Supervisor(config.redis.url, config_path=args.config, llm=config.llm,
                             standby=not args.no_standby)
     supervisor.start()
+    page = supervisor.gateway_url.replace("ws://", "http://", 1).rsplit("/v1/", 1)[0] + "/"
     print(f"voicebus is up: REDIS_URL={supervisor.url}  devices: {supervisor.gateway_url} "
-          "(voicebus token --user ID; voicebus talk)  Ctrl-C to stop", file=sys.stderr)
+          f"(voicebus token --user ID; voicebus talk)  browser: {page} (voicebus token "
+          "--user ID --url)  Ctrl-C to stop", file=sys.stderr)
     try:
         supervisor.wait()
     finally:
