@@ -76,6 +76,8 @@ class DeviceSession:
         self.window_start = time.monotonic()
         self.window_frames = 0
         self.bus_down_since: float | None = None  # frames are held: Redis is down
+        # Until then, frames held back by an outage arrive in a burst: not a flood.
+        self.backlog_until = 0.0
 
     @property
     def keys(self) -> Keys:
@@ -88,17 +90,20 @@ class DeviceSession:
         if now - self.window_start >= 1.0:
             self.window_start, self.window_frames = now, 0
         self.window_frames += 1
-        if self.window_frames > self.gateway.config.gateway.max_frames_per_s:
+        if (self.window_frames > self.gateway.config.gateway.max_frames_per_s
+                and now >= self.backlog_until):
             raise Closing(protocol.CLOSE_RATE, "too many frames per second")
         if len(data) % 2:
             raise Closing(protocol.CLOSE_POLICY, "audio must be PCM16: odd number of bytes")
         if not data:
             return
+        offset_ms = self.samples_in * 1000 // self.rate
         self.samples_in += len(data) // 2
         self.frame_times.mark(self.samples_in * 1000 // self.rate, time.time_ns())
         stream = self.keys.audio(self.session_id)
         await self.publish_through_outage(stream, AudioFrame(
-            session_id=self.session_id, seq=self.seq, sample_rate=self.rate, pcm=data))
+            session_id=self.session_id, seq=self.seq, sample_rate=self.rate, pcm=data,
+            offset_ms=offset_ms))
         if self.seq == 0:  # it was just created: bounded even if no teardown ever runs
             with contextlib.suppress(RedisError, OSError):  # its teardown sets one too
                 await self.gateway.redis.expire(stream,
@@ -126,10 +131,13 @@ class DeviceSession:
                     raise
                 await asyncio.sleep(backoff.next())
         if since is not None:
-            log.info("Redis back after %.1f s; the device's audio flows again",
-                     time.monotonic() - since)
+            now = time.monotonic()
+            log.info("Redis back after %.1f s; the device's audio flows again", now - since)
             self.bus_down_since = None
-            self.last_frame = time.monotonic()
+            self.last_frame = now
+            # What the device sent meanwhile waits in the socket and now comes at once;
+            # it drains long before as much time again has passed.
+            self.backlog_until = now + (now - since)
 
     def on_played(self, turn_id: str, samples: int) -> None:
         turn = self.turns.get(turn_id)

@@ -84,6 +84,9 @@ class AudioFrame(Event, frozen=True, kw_only=True, tag="audio_frame"):
     sample_rate: SampleRate
     pcm: FramePcm
     captured_ns: int = 0  # the device's clock when the frame was captured
+    # Ms of the session's audio before this frame: a VAD that takes the session over
+    # mid-way places what it replays on the session's clock.
+    offset_ms: Annotated[int, Meta(ge=0)] = 0
 
     def __post_init__(self) -> None:
         _check_pcm16(self.pcm)

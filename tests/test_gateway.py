@@ -483,10 +483,12 @@ def own_redis() -> Iterator[EmbeddedRedis]:
     server.stop()
 
 
-async def outage_gateway(server: EmbeddedRedis, outage_s: float) -> Gateway:
+async def outage_gateway(server: EmbeddedRedis, outage_s: float,
+                         max_frames_per_s: int = 100) -> Gateway:
     config = Config(redis=RedisConfig(url=server.url, key_prefix="out"),
                     gateway=GatewayConfig(port=0, secret=SECRET, idle_timeout_s=1.0,
-                                          bus_outage_s=outage_s))
+                                          bus_outage_s=outage_s,
+                                          max_frames_per_s=max_frames_per_s))
     gw = Gateway(config, server.url)
     await gw.start()
     return gw
@@ -576,5 +578,38 @@ async def test_a_device_that_connects_while_redis_is_away_is_served_when_it_is_b
             await client.aclose()
         assert [e.session_id for e in announced] == [first["session_id"], ready["session_id"]]
         await ws.close()
+    finally:
+        await gw.close()
+
+
+async def test_the_burst_of_frames_held_by_an_outage_is_not_taken_for_a_flood(
+        own_redis: EmbeddedRedis) -> None:
+    gw = await outage_gateway(own_redis, outage_s=15.0, max_frames_per_s=20)
+    try:
+        ws, ready = await open_session(gw)
+        stream = gw.keys.audio(ready["session_id"])
+        await ws.send(pcm(1, 320))
+        await asyncio.sleep(0.2)
+        own_redis.stop(keep_data=True)
+        for _ in range(40):  # 2 s at the allowed rate, held back by the outage
+            await ws.send(pcm(2, 320))
+            await asyncio.sleep(0.05)
+        own_redis.start()  # ... and now they all come at once
+        client = aioredis.Redis.from_url(own_redis.url)
+        try:
+            for _ in range(300):
+                if len(set(await audio_seqs(client, stream))) >= 41:
+                    break
+                await asyncio.sleep(0.02)
+            assert sorted(set(await audio_seqs(client, stream))) == list(range(41))
+        finally:
+            await client.aclose()
+        for _ in range(5):  # the device talks on at its rate: still connected
+            await ws.send(pcm(3, 320))
+            await asyncio.sleep(0.05)
+        await ws.send(json.dumps({"type": "stop"}))
+        with pytest.raises(ConnectionClosed) as closed:
+            await receive(ws, "never")
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_NORMAL
     finally:
         await gw.close()

@@ -39,8 +39,9 @@ def stream_session(r: redis.Redis, keys: Keys, sid: str, audio: np.ndarray, rate
     step = rate * frame_ms // 1000 * 2
     pipe = r.pipeline(transaction=False)
     for seq, offset in enumerate(range(0, len(data), step), first_seq):
-        pipe.xadd(keys.audio(sid), {FIELD: encode(AudioFrame(
-            session_id=sid, seq=seq, sample_rate=rate, pcm=data[offset:offset + step]))})
+        pipe.xadd(keys.audio(sid), {FIELD: encode(AudioFrame(  # offset_ms: as the gateway
+            session_id=sid, seq=seq, sample_rate=rate, pcm=data[offset:offset + step],
+            offset_ms=seq * step * 500 // rate))})
     if end:
         pipe.xadd(keys.audio(sid), {FIELD: encode(SessionEnded(session_id=sid))})
     pipe.execute()
@@ -111,6 +112,13 @@ def test_a_vad_killed_mid_utterance_loses_no_turn(workers, prefix, sync_redis) -
     # The whole utterance (1.86 s of speech), not the half heard after the kill.
     assert len(turn.audio) // 32 >= 1700, len(turn.audio) // 32
     assert "owns session s1 (took over" in workers.logs()
+    # ... as the turn the device saw start (it would wait forever for another's end),
+    # on the session's clock.
+    out = read_all(sync_redis, keys.out("s1"))
+    started = [e for e in out if isinstance(e, SpeechStarted)]
+    ended = {e.turn_id for e in out if isinstance(e, TurnEnded)}  # tentative, or the commit
+    assert [e.turn_id for e in started] == [turn.turn_id] and ended == {turn.turn_id}
+    assert 1300 <= turn.speech_start_ms <= 1700 and 3200 <= turn.speech_end_ms <= 3600, turn
 
 
 def test_two_sentences_are_two_turns_in_order(workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]

@@ -70,6 +70,7 @@ from workers.runtime.bus import as_str
 from workers.runtime.sessions import SessionStage
 from workers.runtime.shared_result import PENDING
 from workers.vad.pauses import PauseProfile
+from workers.vad.takeover import open_turn
 from workers.vad.turn_detection import (
     RATE,
     Action,
@@ -118,6 +119,10 @@ class HybridVad:
         # clock for the turn-detection span, as the gateway does for its latency.
         self.frame_clock = ArrivalClock()  # when each frame was received (its created_ns)
         self.input_samples = 0
+        # Where this handler's audio starts on the session's clock (16 kHz samples): not 0
+        # when it took the session over mid-way, replaying from its first unacked frame.
+        self.origin = 0
+        self.last_turn_looked_up = False
         self.last_seq = -1
         self.barge_in = config.vad.barge_in
 
@@ -125,6 +130,9 @@ class HybridVad:
         if isinstance(event, AudioFrame):
             if event.seq <= self.last_seq:
                 return  # the gateway sent it twice (a retry through a Redis outage)
+            if self.last_seq < 0 and event.offset_ms:  # a takeover: keep the session's clock
+                self.origin = event.offset_ms * RATE // 1000
+                self.input_samples = event.offset_ms * event.sample_rate // 1000
             self.last_seq = event.seq
             if event.sample_rate != self.rate:  # the device changed its rate mid-session
                 log.info("input rate changed %d -> %d Hz", self.rate, event.sample_rate)
@@ -153,7 +161,7 @@ class HybridVad:
                 yield emitted
         elif isinstance(action, SpeechStop) and self.turn_id:
             yield Emit(out, SpeechStopped(session_id=sid, turn_id=self.turn_id,
-                                          audio_ms=_ms(action.at),
+                                          audio_ms=self._at(action.at),
                                           traceparent=self.traceparent))
         elif isinstance(action, NeedsTurnCheck) and self.models.turn_end is not None:
             # ~50 ms of CPU: off the event loop, so leases and other sessions go on.
@@ -174,7 +182,7 @@ class HybridVad:
         elif isinstance(action, Resumed):
             await self._learn_pause(action, ctx)
         elif isinstance(action, Blip):
-            log.debug("ignored a %d ms blip at %d ms", _ms(action.speech), _ms(action.start))
+            log.debug("ignored a %d ms blip at %d ms", _ms(action.speech), self._at(action.start))
 
     async def _speech_started(self, start: SpeechStart, ctx: Context,
                               cause: Event) -> AsyncIterator[Emit]:
@@ -183,6 +191,13 @@ class HybridVad:
                 ctx.bus.redis, ctx.keys.user_pauses(self.user_id or f"session:{self.session_id}"),
                 self.config.vad.adaptive, self.config.vad.fallback.silence_timeout)
             self.detector.pause_allowance = seconds(await self.pauses.load())
+        if self.origin and self.ended is None and self.last_turn_looked_up is False:
+            self.last_turn_looked_up = True  # a takeover: the dead owner's turn goes on?
+            if (started := await open_turn(ctx.bus.redis, ctx.keys.out(self.session_id))):
+                self.turn_id, self.traceparent = started.turn_id, started.traceparent
+                self.continues = ""  # the fragment it continued stays its own message
+                log.info("turn %s goes on: its owner died mid-utterance", self.turn_id)
+                return
         self.turn_id = uuid.uuid4().hex[:16]
         self.traceparent = new_traceparent()
         self.continues = ""
@@ -194,7 +209,7 @@ class HybridVad:
                 async for emitted in self._act(action, ctx, cause):
                     yield emitted
         yield Emit(ctx.keys.out(self.session_id), SpeechStarted(
-            session_id=self.session_id, turn_id=self.turn_id, audio_ms=_ms(start.at),
+            session_id=self.session_id, turn_id=self.turn_id, audio_ms=self._at(start.at),
             continues=self.continues, traceparent=self.traceparent))
 
     async def _agent_turn(self, ctx: Context, start: SpeechStart) -> str:
@@ -235,7 +250,7 @@ class HybridVad:
         turn, _, sent_ns = as_str(raw).partition(" ")
         if turn != agent_turn or not sent_ns.isdigit():
             return False
-        began_ns = self._wall_ns(_ms(start.at))
+        began_ns = self._wall_ns(self._at(start.at))
         if began_ns is None:
             return True
         grace_ns = int(self.config.vad.continuation.heard_after * 1e9)
@@ -249,7 +264,7 @@ class HybridVad:
         """One look for the transcript the detector waits for (once per frame)."""
         assert self.guess is not None
         turn_id, guess, deadline = self.guess
-        key = ctx.keys.asr_result(self.session_id, turn_id, _ms(guess.speech_end))
+        key = ctx.keys.asr_result(self.session_id, turn_id, self._at(guess.speech_end))
         value = await ctx.bus.redis.get(key)
         text: str | None = None
         if value is not None and value != PENDING:
@@ -278,8 +293,8 @@ class HybridVad:
         assert self.turn_id is not None
         turn = TurnEnded(
             session_id=self.session_id, turn_id=self.turn_id, sample_rate=RATE,
-            audio=float_to_pcm16(end.audio), speech_start_ms=_ms(end.start),
-            speech_end_ms=_ms(end.speech_end), decided_ms=_ms(end.decided), rule=end.rule,
+            audio=float_to_pcm16(end.audio), speech_start_ms=self._at(end.start),
+            speech_end_ms=self._at(end.speech_end), decided_ms=self._at(end.decided), rule=end.rule,
             probability=end.probability, speculative=end.speculative,
             user_id=self.user_id, continues=self.continues, tentative=end.tentative,
             text_verdict=end.text_verdict[:256], traceparent=self.traceparent)
@@ -313,7 +328,7 @@ class HybridVad:
         assert self.tentative is not None
         turn, self.tentative = self.tentative, None
         committed = msgspec.structs.replace(
-            turn, tentative=False, decided_ms=_ms(commit.decided),
+            turn, tentative=False, decided_ms=self._at(commit.decided),
             text_verdict=commit.text_verdict[:256], created_ns=time.time_ns())
         yield Emit(ctx.keys.out(self.session_id), committed)
         now = time.time_ns()
@@ -327,13 +342,13 @@ class HybridVad:
         with log_context(session_id=self.session_id, turn_id=turn.turn_id):
             log.info("turn %s committed by %s (text %s), %d ms after the last speech",
                      turn.turn_id, commit.rule, commit.text_verdict or "-",
-                     _ms(commit.decided) - turn.speech_end_ms)
+                     self._at(commit.decided) - turn.speech_end_ms)
 
     def _record_span(self, end: TurnEnd) -> None:
         """The turn-detection span: from when the audio of the speech end was captured
         (its frame's ``created_ns``) to the decision (now)."""
         now = time.time_ns()
-        arrived = self._wall_ns(_ms(end.speech_end))
+        arrived = self._wall_ns(self._at(end.speech_end))
         span = telemetry.tracer().start_span(
             semconv.TURN_DETECTION, context=telemetry.parent_of(self.traceparent),
             start_time=min(arrived or now - end.delay_ms * 1_000_000, now), attributes={
@@ -355,6 +370,10 @@ class HybridVad:
         it ends, so a peer that takes the session over (this process died) replays them
         and ends the turn itself instead of losing it."""
         return self.detector.turn_start is not None
+
+    def _at(self, samples: int) -> int:
+        """A position of this handler's audio (16 kHz samples) as ms of the session's."""
+        return _ms(self.origin + samples)
 
     async def close(self) -> None:
         self.reblock = Reblocker(WINDOW)
