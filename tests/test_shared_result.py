@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from workers.runtime import shared_result
+from workers.runtime.keys import Keys
 from workers.runtime.shared_result import SharedResult
 
 
@@ -51,3 +52,25 @@ async def test_a_cancelled_waiter_stops_waiting(client: aioredis.Redis, prefix: 
     got = await asyncio.wait_for(SharedResult(client, f"{prefix}:r4", 30).claim_or_wait(
         lambda: True), 2)
     assert got == (False, None)
+
+
+async def test_a_claim_whose_worker_has_no_heartbeat_is_taken_over_before_its_lease_ends(
+        client: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shared_result, "LEASE_MS", 600_000)  # the lease alone: 10 minutes
+    keys = Keys(prefix)
+
+    def result(key: str, owner: str) -> SharedResult:
+        return SharedResult(client, f"{prefix}:{key}", 30, owner=owner, alive_key=keys.alive)
+
+    await client.set(keys.alive("asr-a"), 1, px=600_000)
+    assert await result("r5", "asr-a").claim()  # a live worker's claim is waited for
+    waiting = asyncio.create_task(result("r5", "asr-c").claim_or_wait(lambda: False))
+    await asyncio.sleep(0.5)  # five looks at its heartbeat
+    assert not waiting.done()
+    await result("r5", "asr-a").publish(b"the words")
+    assert await waiting == (False, b"the words")
+
+    assert await result("r6", "asr-b").claim()  # asr-b has no heartbeat: it died
+    taken = await asyncio.wait_for(result("r6", "asr-c").claim_or_wait(lambda: False), 10)
+    assert taken == (True, None)
+    assert await client.get(f"{prefix}:r6") == b"pending:asr-c"

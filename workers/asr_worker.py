@@ -98,7 +98,8 @@ class AsrStage:
     def _shared(self, event: TurnEnded, ctx: Context) -> SharedResult:
         """The turn's transcript, computed once across workers (keyed by its audio end)."""
         key = ctx.keys.asr_result(event.session_id, event.turn_id, event.speech_end_ms)
-        return SharedResult(ctx.bus.redis, key, self.ttl_s)
+        return SharedResult(ctx.bus.redis, key, self.ttl_s, owner=ctx.consumer,
+                            alive_key=ctx.keys.alive)
 
     @staticmethod
     def _transcript(event: TurnEnded, *, text: str = "", language: str = "",

@@ -68,7 +68,7 @@ from workers.observability.logs import log_context
 from workers.runtime import Context, Emit
 from workers.runtime.bus import as_str
 from workers.runtime.sessions import SessionStage
-from workers.runtime.shared_result import PENDING
+from workers.runtime.shared_result import is_pending
 from workers.vad.pauses import PauseProfile
 from workers.vad.takeover import open_turn
 from workers.vad.turn_detection import (
@@ -267,7 +267,7 @@ class HybridVad:
         key = ctx.keys.asr_result(self.session_id, turn_id, self._at(guess.speech_end))
         value = await ctx.bus.redis.get(key)
         text: str | None = None
-        if value is not None and value != PENDING:
+        if value is not None and not is_pending(value):
             try:
                 text = str(json.loads(value)["text"])
             except (ValueError, KeyError, TypeError):
