@@ -17,7 +17,12 @@ def free_port() -> int:
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: the child gets SIGTERM if the process that started it dies (even kill -9)."""
+    """Linux: the child gets SIGTERM if the process that started it dies (even kill -9).
+
+    Linux ties this to the *thread* that forked the child: start such children from a
+    thread that lives as long as they should (the main thread, or the supervisor's
+    watcher), never from a short-lived one, or they are stopped when it ends.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
