@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("voicebus.gateway")
 
+BACKLOG_AFTER_S = 0.2  # a publish blocked this long leaves a burst of frames behind it
+
 PLAYED_WAIT_S = 0.3  # after a flush, how long to wait for the device's played report
 # A tentative turn's audio is released after this long even without its commit (the VAD
 # that ended it died before committing: its peer does not know the turn).
@@ -75,7 +77,9 @@ class DeviceSession:
         self.last_frame = time.monotonic()
         self.window_start = time.monotonic()
         self.window_frames = 0
-        self.bus_down_since: float | None = None  # frames are held: Redis is down
+        # Publishes waiting on Redis (down, or stalled without an error): the device is
+        # held back by us, not idle.
+        self.publishes_waiting = 0
         # Until then, frames held back by an outage arrive in a burst: not a flood.
         self.backlog_until = 0.0
 
@@ -117,27 +121,31 @@ class DeviceSession:
         by its seq). A longer outage raises, and the device is closed with 1011. The
         session's start and what the user heard of a reply ride out an outage the same
         way (a pooled connection that broke while Redis was away costs one retry)."""
-        backoff, since = Backoff(first=0.05, cap=0.5), None
-        while True:
-            try:
-                await self.gateway.bus.publish(stream, event)
-                break
-            except (RedisError, OSError) as exc:
-                now = time.monotonic()
-                if since is None:
-                    since = self.bus_down_since = now
-                    log.warning("Redis unavailable (%s); holding the device's audio", exc)
-                if now - since > self.gateway.config.gateway.bus_outage_s:
-                    raise
-                await asyncio.sleep(backoff.next())
+        backoff, since, began = Backoff(first=0.05, cap=0.5), None, time.monotonic()
+        self.publishes_waiting += 1
+        try:
+            while True:
+                try:
+                    await self.gateway.bus.publish(stream, event)
+                    break
+                except (RedisError, OSError) as exc:
+                    now = time.monotonic()
+                    if since is None:
+                        since = now
+                        log.warning("Redis unavailable (%s); holding the device's audio", exc)
+                    if now - since > self.gateway.config.gateway.bus_outage_s:
+                        raise
+                    await asyncio.sleep(backoff.next())
+        finally:
+            self.publishes_waiting -= 1
+        now = time.monotonic()
         if since is not None:
-            now = time.monotonic()
             log.info("Redis back after %.1f s; the device's audio flows again", now - since)
-            self.bus_down_since = None
-            self.last_frame = now
+        if now - began > BACKLOG_AFTER_S:  # an outage, or a Redis that stalled (no error)
+            self.last_frame = now  # the device's idle time counts from here
             # What the device sent meanwhile waits in the socket and now comes at once;
             # it drains long before as much time again has passed.
-            self.backlog_until = now + (now - since)
+            self.backlog_until = now + (now - began)
 
     def on_played(self, turn_id: str, samples: int) -> None:
         turn = self.turns.get(turn_id)

@@ -243,7 +243,7 @@ class Gateway:
             if now - session.started > cfg.max_session_s:
                 code, reason = protocol.CLOSE_SESSION_TOO_LONG, "session too long"
             elif (now - session.last_frame > cfg.idle_timeout_s
-                  and session.bus_down_since is None):  # held by an outage, not idle
+                  and not session.publishes_waiting):  # held back by Redis, not idle
                 code, reason = protocol.CLOSE_IDLE, "idle too long"
             else:
                 continue

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -582,19 +584,28 @@ async def test_a_device_that_connects_while_redis_is_away_is_served_when_it_is_b
         await gw.close()
 
 
+@pytest.mark.parametrize("outage", ["stopped", "paused"])
 async def test_the_burst_of_frames_held_by_an_outage_is_not_taken_for_a_flood(
-        own_redis: EmbeddedRedis) -> None:
+        own_redis: EmbeddedRedis, outage: str) -> None:
     gw = await outage_gateway(own_redis, outage_s=15.0, max_frames_per_s=20)
     try:
         ws, ready = await open_session(gw)
         stream = gw.keys.audio(ready["session_id"])
         await ws.send(pcm(1, 320))
         await asyncio.sleep(0.2)
-        own_redis.stop(keep_data=True)
+        # Stopped: connections refused. Paused (SIGSTOP): a Redis that takes seconds to
+        # answer, with no error at all until the socket times out (5 s).
+        if outage == "stopped":
+            own_redis.stop(keep_data=True)
+        else:
+            os.kill(own_redis.pid or 0, signal.SIGSTOP)
         for _ in range(40):  # 2 s at the allowed rate, held back by the outage
             await ws.send(pcm(2, 320))
             await asyncio.sleep(0.05)
-        own_redis.start()  # ... and now they all come at once
+        if outage == "stopped":  # ... and now they all come at once
+            own_redis.start()
+        else:
+            os.kill(own_redis.pid or 0, signal.SIGCONT)
         client = aioredis.Redis.from_url(own_redis.url)
         try:
             for _ in range(300):
