@@ -88,6 +88,9 @@ def main() -> int:
     parser.add_argument("--turns-per-scenario", type=int, default=10)
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/chaos.json")
+    parser.add_argument("--supervised", action="store_true",
+                        help="delete a killed worker's heartbeat key at once, as `voicebus up` "
+                             "does (default: peers wait for it to expire, as anywhere else)")
     args = parser.parse_args()
     if args.turns_per_scenario < 1:
         parser.error("--turns-per-scenario must be >= 1")
@@ -104,7 +107,7 @@ def main() -> int:
         with scripted_llm() as llm_url:
             env = product_env(url, prefix, llm_url, secret, CLAIM_IDLE_MS)
             env["VOICEBUS_TRACING__LOCAL_PATH"] = str(logs / "spans.jsonl")
-            fleet = Fleet(env, logs)
+            fleet = Fleet(env, logs, supervised=args.supervised)
             fleet.start()
             chaos = Chaos(fleet, Probe(url, prefix), secret, random.Random(args.seed),
                           redis_server)
@@ -126,7 +129,8 @@ def main() -> int:
               "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "platform": platform.platform()},
               "params": {"seed": args.seed, "turns_per_scenario": args.turns_per_scenario,
-                         "scenarios": args.scenarios, "claim_idle_ms": CLAIM_IDLE_MS},
+                         "scenarios": args.scenarios, "claim_idle_ms": CLAIM_IDLE_MS,
+                         "supervised": args.supervised},
               "baseline_answer_ms": baseline_ms, "logs": str(logs),
               "wall_s": round(time.monotonic() - started, 1), "scenarios": rows}
     args.out.write_text(json.dumps(report, indent=1))

@@ -59,7 +59,9 @@ from edge.client import TurnResult, talk_wavs
 from edge.errors import ClientError
 from schemas import AudioChunk, DeadLetter, SchemaError, decode
 from voicebus.processes import die_with_parent
+from voicebus.supervisor import STARTED
 from workers.runtime.bus import FIELD, as_str
+from workers.runtime.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "voicebus" / "samples"
@@ -151,8 +153,11 @@ class Proc:
 class Fleet:
     """Two processes per stage and one gateway; killed ones are replaced at once."""
 
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
+    def __init__(self, env: dict[str, str], logs: Path, *, supervised: bool = False) -> None:
         self.env, self.logs = env, logs
+        # As `voicebus up` does: a killed worker's heartbeat key is deleted at once, so
+        # peers take its work at their next look, not when the key expires.
+        self.supervised = supervised
         self.procs: list[Proc] = []  # every process ever started, the dead ones too
         self.replaced: set[int] = set()  # pids we killed or stopped on purpose
         self._lock = threading.Lock()
@@ -204,7 +209,16 @@ class Fleet:
         self.replaced.add(proc.pid)
         proc.popen.kill()
         proc.popen.wait()
+        if self.supervised:
+            self._declare_dead(proc)
         self.spawn(proc.role)
+
+    def _declare_dead(self, proc: Proc) -> None:
+        started = STARTED.search(proc.log.read_text(errors="replace"))
+        if started is None:
+            return
+        with redis.Redis.from_url(self.env["REDIS_URL"]) as client:
+            client.delete(Keys(started["prefix"]).alive(started["consumer"]))
 
     def restart_gracefully(self, proc: Proc, timeout: float = 120.0) -> None:
         """SIGTERM (the worker hands its work back), then a new one, ready."""
