@@ -24,6 +24,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from edge import protocol
+from edge.frame_rate import BACKLOG_AFTER_S, FrameRate
 from edge.turn_report import record_latency, record_spans, turn_done_message
 from edge.turn_state import TurnState
 from schemas import (
@@ -46,8 +47,6 @@ if TYPE_CHECKING:
     from edge.gateway import Gateway
 
 log = logging.getLogger("voicebus.gateway")
-
-BACKLOG_AFTER_S = 0.2  # a publish blocked this long leaves a burst of frames behind it
 
 PLAYED_WAIT_S = 0.3  # after a flush, how long to wait for the device's played report
 # A tentative turn's audio is released after this long even without its commit (the VAD
@@ -75,13 +74,10 @@ class DeviceSession:
         self.seq = 0
         self.started = time.monotonic()
         self.last_frame = time.monotonic()
-        self.window_start = time.monotonic()
-        self.window_frames = 0
+        self.frame_rate = FrameRate(gateway.config.gateway.max_frames_per_s, time.monotonic())
         # Publishes waiting on Redis (down, or stalled without an error): the device is
         # held back by us, not idle.
         self.publishes_waiting = 0
-        # Until then, frames held back by an outage arrive in a burst: not a flood.
-        self.backlog_until = 0.0
 
     @property
     def keys(self) -> Keys:
@@ -91,11 +87,7 @@ class DeviceSession:
     async def on_frame(self, data: bytes) -> None:
         now = time.monotonic()
         self.last_frame = now
-        if now - self.window_start >= 1.0:
-            self.window_start, self.window_frames = now, 0
-        self.window_frames += 1
-        if (self.window_frames > self.gateway.config.gateway.max_frames_per_s
-                and now >= self.backlog_until):
+        if not self.frame_rate.allows(now):
             raise Closing(protocol.CLOSE_RATE, "too many frames per second")
         if len(data) % 2:
             raise Closing(protocol.CLOSE_POLICY, "audio must be PCM16: odd number of bytes")
@@ -143,9 +135,7 @@ class DeviceSession:
             log.info("Redis back after %.1f s; the device's audio flows again", now - since)
         if now - began > BACKLOG_AFTER_S:  # an outage, or a Redis that stalled (no error)
             self.last_frame = now  # the device's idle time counts from here
-            # What the device sent meanwhile waits in the socket and now comes at once;
-            # it drains long before as much time again has passed.
-            self.backlog_until = now + (now - began)
+        self.frame_rate.held_back(now - began, now)
 
     def on_played(self, turn_id: str, samples: int) -> None:
         turn = self.turns.get(turn_id)
