@@ -88,10 +88,14 @@ def main() -> int:
     parser.add_argument("--turns-per-scenario", type=int, default=10)
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/chaos.json")
+    parser.add_argument("--baseline-turns", type=int, default=0, metavar="N",
+                        help="fault-free turns for the baseline (default: --turns-per-scenario)")
     parser.add_argument("--supervised", action="store_true",
                         help="delete a killed worker's heartbeat key at once, as `voicebus up` "
                              "does (default: peers wait for it to expire, as anywhere else)")
     args = parser.parse_args()
+    if args.baseline_turns < 0:
+        parser.error("--baseline-turns must be 0 (as many as --turns-per-scenario) or more")
     if args.turns_per_scenario < 1:
         parser.error("--turns-per-scenario must be >= 1")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +116,8 @@ def main() -> int:
             chaos = Chaos(fleet, Probe(url, prefix), secret, random.Random(args.seed),
                           redis_server)
             try:
-                baseline, baseline_logs = fault_free_turns(chaos, args.turns_per_scenario)
+                baseline, baseline_logs = fault_free_turns(
+                    chaos, args.baseline_turns or args.turns_per_scenario)
                 baseline_ms = median_answer_ms(baseline_logs)
                 verdicts.append(baseline)
                 print(f"baseline: median answer {baseline_ms} ms", flush=True)
