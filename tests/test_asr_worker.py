@@ -196,8 +196,12 @@ def test_speculative_then_final_transcribes_once(asr: AsrWorker,
 def test_a_turn_cancelled_during_asr_gets_no_transcript(asr: AsrWorker,
                                                         sync_redis: redis.Redis) -> None:
     s, queue = "cancel", asr.keys.queue("asr")
-    publish(sync_redis, queue, turn_ended(s, "barged", long_utterance(60.0)))
-    wait_for(lambda: pending(sync_redis, queue, "asr"), what="the job to be taken")
+    job = turn_ended(s, "barged", long_utterance(60.0))
+    publish(sync_redis, queue, job)
+    # The worker's claim on the transcript: it is transcribing (a job only read, not yet
+    # started, would be skipped as cancelled, not dropped during ASR).
+    claim = asr.keys.asr_result(s, "barged", job.speech_end_ms)
+    wait_for(lambda: sync_redis.exists(claim), what="the transcription to start")
     cancel_turn(asr.url, asr.keys, s, "barged", "barge-in")
     wait_for(lambda: "turn=barged turn cancelled during ASR" in asr.log(), timeout=30,
              what="the worker to drop the turn")
