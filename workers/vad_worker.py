@@ -191,7 +191,7 @@ class HybridVad:
                 ctx.bus.redis, ctx.keys.user_pauses(self.user_id or f"session:{self.session_id}"),
                 self.config.vad.adaptive, self.config.vad.fallback.silence_timeout)
             self.detector.pause_allowance = seconds(await self.pauses.load())
-        if self.origin and self.ended is None and self.last_turn_looked_up is False:
+        if self.origin and self.ended is None and not self.last_turn_looked_up:
             self.last_turn_looked_up = True  # a takeover: the dead owner's turn goes on?
             if (started := await open_turn(ctx.bus.redis, ctx.keys.out(self.session_id))):
                 self.turn_id, self.traceparent = started.turn_id, started.traceparent
