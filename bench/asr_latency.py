@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """ASR latency per utterance length, for the shipped decoding and the alternatives.
 
-    python bench/asr_latency.py [--runs 8] [--lengths 1 2 3 5 10 20] [--threads 2]
+    python -m bench.asr_latency [--runs 8] [--lengths 1 2 3 5 10 20] [--threads 2]
                                 [--no-speculative] [--out bench/results/asr_latency.json]
 
 Utterances are real speech: the three samples in voicebus/samples/, cut to their
@@ -54,21 +54,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from tests.transcripts import wer  # noqa: E402
-from workers.backends.asr import (  # noqa: E402
+from tests.transcripts import wer
+from workers.backends.asr import (
     SAMPLE_RATE,
     DecodeOptions,
     FasterWhisperRecognizer,
     prepare_audio,
 )
-from workers.backends.model_files import ModelNotFound, resolve_model  # noqa: E402
-from workers.observability.metrics import percentile as interpolated  # noqa: E402
+from workers.backends.model_files import ModelNotFound, resolve_model
+from workers.observability.metrics import percentile as interpolated
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLES = ROOT / "voicebus" / "samples"
 Transcribe = Callable[[np.ndarray], str]

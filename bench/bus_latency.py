@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Bus latency: XADD -> handler start, through one session-affine worker process.
 
-    python bench/bus_latency.py [--sessions 1 10 100] [--seconds 10]
+    python -m bench.bus_latency [--sessions 1 10 100] [--seconds 10]
                                 [--out bench/results/bus_latency.json]
 
 Starts a private redis-server (``voicebus.redis_server.EmbeddedRedis``) unless
@@ -17,7 +17,7 @@ then end the sessions and wait until the worker has released them all. The
 first second of each round is warm-up and is not counted.
 
 The worker writes its samples to a file when it stops (SIGTERM at the end), so
-it is re-invoked as ``bench/bus_latency.py --worker URL PREFIX SAMPLES_PATH [POOL_MAX
+it is re-invoked as ``python -m bench.bus_latency --worker URL PREFIX SAMPLES_PATH [POOL_MAX
 [PROFILE]]``.
 
 Diagnostics (not part of the measurement): ``--pool-max K`` raises the worker's
@@ -43,15 +43,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # runnable from anywhere, even without the editable install
-    sys.path.insert(0, str(ROOT))
+from bench.measure import busy_cores_before_start, machine_cpu, proc_cpu_s
+from schemas import AudioFrame, Event, SessionEnded, SessionStarted, encode
+from workers.observability.metrics import percentile as interpolated
+from workers.runtime.bus import FIELD
+from workers.runtime.keys import Keys
 
-from bench.measure import busy_cores_before_start, machine_cpu, proc_cpu_s  # noqa: E402
-from schemas import AudioFrame, Event, SessionEnded, SessionStarted, encode  # noqa: E402
-from workers.observability.metrics import percentile as interpolated  # noqa: E402
-from workers.runtime.bus import FIELD  # noqa: E402
-from workers.runtime.keys import Keys  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 STAGE = "vad"
 SAMPLE_RATE = 16_000
@@ -100,6 +98,7 @@ async def probe(worker: Any, rows: list[tuple[int, int, int, int]]) -> None:
 
 def run_worker(url: str, prefix: str, samples_path: str, pool_max: int | None,
                profile: str | None) -> None:
+    from workers.config import RedisConfig
     from workers.observability.logs import setup_logging
     from workers.runtime import RuntimeSettings
     from workers.runtime.sessions import SessionStage, SessionWorker
@@ -112,7 +111,7 @@ def run_worker(url: str, prefix: str, samples_path: str, pool_max: int | None,
         return RecordingSession(samples.setdefault(started.session_id, []))
 
     worker = SessionWorker(SessionStage(STAGE, open_session),
-                           RuntimeSettings(url=url, prefix=prefix))
+                           RuntimeSettings(url, RedisConfig(key_prefix=prefix)))
     if pool_max:  # experiment only: not what the runtime does by itself
         for client in (worker.redis, worker.reader, worker._control_reader):
             client.connection_pool.max_connections = pool_max
@@ -357,7 +356,7 @@ def start_worker(url: str, prefix: str, samples_path: Path, log_path: Path,
                  pool_max: int | None, profile: Path | None) -> subprocess.Popen[bytes]:
     log = open(log_path, "wb")  # lives as long as the worker
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", url, prefix,
+        [sys.executable, "-m", "bench.bus_latency", "--worker", url, prefix,
          str(samples_path), str(pool_max or 0), str(profile or "")],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})

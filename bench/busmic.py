@@ -5,18 +5,13 @@ queued utterances and silence in between, as a device would."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from schemas import AudioFrame, SessionEnded, SessionStarted  # noqa: E402
-from workers.backends.audio import MODEL_RATE, float_to_pcm16  # noqa: E402
-from workers.runtime.bus import Bus  # noqa: E402
+from schemas import AudioFrame, SessionEnded, SessionStarted
+from workers.backends.audio import MODEL_RATE, float_to_pcm16
+from workers.runtime.bus import Bus
 
 FRAME_MS = 32
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The chaos suite's long run: faults at random moments of real turns, and a table.
 
-    python bench/chaos.py [--seed 13] [--turns-per-scenario 10] [--scenarios kill-vad ...]
+    python -m bench.chaos [--seed 13] [--turns-per-scenario 10] [--scenarios kill-vad ...]
                           [--out bench/results/chaos.json]
 
 Starts an embedded Redis (AOF, ``appendfsync everysec``: it is killed and restarted on
@@ -23,18 +23,13 @@ import os
 import platform
 import random
 import secrets
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.chaos_harness import (  # noqa: E402
+from bench.chaos_harness import (
     SCENARIOS,
     Chaos,
     Fleet,
@@ -46,7 +41,9 @@ from bench.chaos_harness import (  # noqa: E402
     run_scenario,
     scripted_llm,
 )
-from voicebus.redis_server import EmbeddedRedis  # noqa: E402
+from voicebus.redis_server import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CLAIM_IDLE_MS = 3000
 COLUMNS = ("scenario", "faults", "turns", "completed", "lost", "duplicated",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Are word-mode joins heard as one reply? The played audio transcribed back, and its gaps.
 
-    python bench/chunk_joins.py [--runs 3] [--out bench/results/chunk_joins.json]
+    python -m bench.chunk_joins [--runs 3] [--out bench/results/chunk_joins.json]
 
 Word mode (``llm.chunking: word``, the default) sends the reply's first 3-5 words to
 TTS on their own, so audio starts sooner; the voice then speaks the rest of that
@@ -31,26 +31,23 @@ import asyncio
 import itertools
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tests.transcripts import wer
+from workers.backends.asr import FasterWhisperRecognizer
+from workers.backends.audio import pcm16_to_float, voiced_end
+from workers.backends.model_files import resolve_model
+from workers.backends.tts import load_backend
+from workers.config import TtsConfig
+from workers.observability.metrics import percentile
+from workers.text.chunking import chunks, ends_sentence
+from workers.tts_worker import ChunkMetrics, TtsStage
 
-from tests.transcripts import wer  # noqa: E402
-from workers.backends.asr import FasterWhisperRecognizer  # noqa: E402
-from workers.backends.audio import pcm16_to_float, voiced_end  # noqa: E402
-from workers.backends.model_files import resolve_model  # noqa: E402
-from workers.backends.tts import load_backend  # noqa: E402
-from workers.config import TtsConfig  # noqa: E402
-from workers.observability.metrics import percentile  # noqa: E402
-from workers.text.chunking import chunks, ends_sentence  # noqa: E402
-from workers.tts_worker import ChunkMetrics, TtsStage  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RATE = 24_000  # the TTS stage's default output rate (what the device plays)
 SILENT_DB = -40.0

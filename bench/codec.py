@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Codec cost: our msgspec codec against plain msgpack plus hand-written validation.
 
-    python bench/codec.py [--out bench/results/codec.json] [--repeat 7]
+    python -m bench.codec [--out bench/results/codec.json] [--repeat 7]
 
 For three events (an AudioFrame with 1024 bytes of PCM, a Transcript, a TurnEnded
 carrying 3 s of 16 kHz PCM16 = 96 000 bytes) it times one round trip,
@@ -29,7 +29,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 import timeit
 from collections.abc import Callable
@@ -38,21 +37,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Union
 
+import msgpack
+import msgspec
+
+import schemas
+from schemas import ALL_EVENTS, AudioFrame, Transcript, TurnEnded
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import msgpack  # noqa: E402
-import msgspec  # noqa: E402
-
-import schemas  # noqa: E402
-from schemas import ALL_EVENTS, AudioFrame, Transcript, TurnEnded  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # The hand-written side: frozen dataclasses and explicit checks of the same
 # constraints schemas/events.py declares with msgspec.Meta.
 # ----------------------------------------------------------------------------
 _ID = re.compile(r"^[A-Za-z0-9._:@-]+$")
+_OPT_ID = re.compile(r"^$|^[A-Za-z0-9._:@-]+$")
 _TRACEPARENT = re.compile(r"^$|^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -84,6 +82,10 @@ def _str(d: dict[str, Any], key: str, default: str | None = None, max_len: int |
 
 def _id(d: dict[str, Any], key: str) -> str:
     return _str(d, key, None, 128, _ID, 1)
+
+
+def _opt_id(d: dict[str, Any], key: str) -> str:
+    return _str(d, key, "", 128, _OPT_ID)
 
 
 def _bytes(d: dict[str, Any], key: str, default: bytes | None, max_len: int,
@@ -125,50 +127,55 @@ def _common(d: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class DcAudioFrame:
+class _DcEvent:
+    """The envelope every event carries."""
     session_id: str
     seq: int
     created_ns: int
     traceparent: str
     tracestate: str
+
+    def _head(self, tag: str) -> dict[str, Any]:
+        return {"type": tag, "v": 1, "session_id": self.session_id, "seq": self.seq,
+                "created_ns": self.created_ns, "traceparent": self.traceparent,
+                "tracestate": self.tracestate}
+
+
+@dataclass(frozen=True, slots=True)
+class DcAudioFrame(_DcEvent):
     sample_rate: int
     pcm: bytes
     captured_ns: int
+    offset_ms: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "audio_frame", "v": 1, "session_id": self.session_id, "seq": self.seq,
-                "created_ns": self.created_ns, "traceparent": self.traceparent,
-                "tracestate": self.tracestate, "sample_rate": self.sample_rate,
-                "pcm": self.pcm, "captured_ns": self.captured_ns}
+        return {**self._head("audio_frame"), "sample_rate": self.sample_rate,
+                "pcm": self.pcm, "captured_ns": self.captured_ns, "offset_ms": self.offset_ms}
 
     @classmethod
     def from_dict(cls, d: Any) -> DcAudioFrame:
         _header(d, "audio_frame")
         return cls(**_common(d), sample_rate=_int(d, "sample_rate", None, 8000, 48000),
                    pcm=_bytes(d, "pcm", None, 131_072, even=True),
-                   captured_ns=_int(d, "captured_ns", 0))
+                   captured_ns=_int(d, "captured_ns", 0), offset_ms=_int(d, "offset_ms", 0, 0))
 
 
 @dataclass(frozen=True, slots=True)
-class DcTranscript:
-    session_id: str
-    seq: int
-    created_ns: int
-    traceparent: str
-    tracestate: str
+class DcTranscript(_DcEvent):
     turn_id: str
     text: str
     final: bool
     failed: bool
     error: str
     language: str
+    user_id: str
+    continues: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "transcript", "v": 1, "session_id": self.session_id, "seq": self.seq,
-                "created_ns": self.created_ns, "traceparent": self.traceparent,
-                "tracestate": self.tracestate, "turn_id": self.turn_id, "text": self.text,
+        return {**self._head("transcript"), "turn_id": self.turn_id, "text": self.text,
                 "final": self.final, "failed": self.failed, "error": self.error,
-                "language": self.language}
+                "language": self.language, "user_id": self.user_id,
+                "continues": self.continues}
 
     @classmethod
     def from_dict(cls, d: Any) -> DcTranscript:
@@ -176,16 +183,12 @@ class DcTranscript:
         return cls(**_common(d), turn_id=_id(d, "turn_id"),
                    text=_str(d, "text", None, 16_384), final=_bool(d, "final", True),
                    failed=_bool(d, "failed", False), error=_str(d, "error", "", 1_024),
-                   language=_str(d, "language", "", 16))
+                   language=_str(d, "language", "", 16), user_id=_opt_id(d, "user_id"),
+                   continues=_opt_id(d, "continues"))
 
 
 @dataclass(frozen=True, slots=True)
-class DcTurnEnded:
-    session_id: str
-    seq: int
-    created_ns: int
-    traceparent: str
-    tracestate: str
+class DcTurnEnded(_DcEvent):
     turn_id: str
     sample_rate: int
     audio: bytes
@@ -195,15 +198,21 @@ class DcTurnEnded:
     decided_ms: int
     rule: str
     probability: float | None
+    speculative: bool
+    user_id: str
+    continues: str
+    text_verdict: str
+    tentative: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "turn_ended", "v": 1, "session_id": self.session_id, "seq": self.seq,
-                "created_ns": self.created_ns, "traceparent": self.traceparent,
-                "tracestate": self.tracestate, "turn_id": self.turn_id,
+        return {**self._head("turn_ended"), "turn_id": self.turn_id,
                 "sample_rate": self.sample_rate, "audio": self.audio,
                 "audio_ref": self.audio_ref, "speech_start_ms": self.speech_start_ms,
                 "speech_end_ms": self.speech_end_ms, "decided_ms": self.decided_ms,
-                "rule": self.rule, "probability": self.probability}
+                "rule": self.rule, "probability": self.probability,
+                "speculative": self.speculative, "user_id": self.user_id,
+                "continues": self.continues, "text_verdict": self.text_verdict,
+                "tentative": self.tentative}
 
     @classmethod
     def from_dict(cls, d: Any) -> DcTurnEnded:
@@ -223,7 +232,11 @@ class DcTurnEnded:
                    audio=_bytes(d, "audio", b"", 3_145_728, even=True),
                    audio_ref=_str(d, "audio_ref", "", 256), speech_start_ms=start,
                    speech_end_ms=end, decided_ms=_int(d, "decided_ms", None, 0),
-                   rule=_str(d, "rule", "", 64), probability=probability)
+                   rule=_str(d, "rule", "", 64), probability=probability,
+                   speculative=_bool(d, "speculative", False), user_id=_opt_id(d, "user_id"),
+                   continues=_opt_id(d, "continues"),
+                   text_verdict=_str(d, "text_verdict", "", 256),
+                   tentative=_bool(d, "tentative", False))
 
 
 _DATACLASSES: dict[str, Any] = {"audio_frame": DcAudioFrame, "transcript": DcTranscript,

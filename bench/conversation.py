@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One long conversation through the whole product, measured turn by turn as a user lives it.
 
-    python bench/conversation.py [--turns 40] [--seed 7] [--set KEY=VALUE ...]
+    python -m bench.conversation [--turns 40] [--seed 7] [--set KEY=VALUE ...]
                                  [--out bench/results/conversation.json]
 
 Starts what ``voicebus demo`` starts (``Supervisor``: embedded Redis, the local LLM
@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import secrets
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,19 +36,17 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.measure import proc_cpu_s
+from bench.speech_corpus import Turn, export, load_corpus
+from edge.auth import mint
+from edge.client import TurnResult, talk_wavs
+from edge.errors import ClientError
+from voicebus.traces import read_spans
+from workers.config_load import load_config
+from workers.observability import semconv
+from workers.observability.metrics import percentile
 
-from bench.measure import proc_cpu_s  # noqa: E402
-from bench.speech_corpus import Turn, export, load_corpus  # noqa: E402
-from edge.auth import mint  # noqa: E402
-from edge.client import TurnResult, talk_wavs  # noqa: E402
-from edge.errors import ClientError  # noqa: E402
-from voicebus.traces import read_spans  # noqa: E402
-from workers.config_load import load_config  # noqa: E402
-from workers.observability import semconv  # noqa: E402
-from workers.observability.metrics import percentile  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 E2E = "end_of_speech_to_first_audio"
 STAGES = ("turn_detect", "turn_commit", "asr", "llm_ttft", "llm_first_text", "tts_first_chunk")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """End of speech -> first audio through the whole pipeline, and what the bus costs.
 
-    python bench/pipeline_latency.py [--runs 3] [--concurrency 1 2 3 | --no-concurrency]
+    python -m bench.pipeline_latency [--runs 3] [--concurrency 1 2 3 | --no-concurrency]
                                      [--concurrency-runs 2] [--vad-sessions 10 25 50 100]
                                      [--vad-reps 2] [--no-vad] [--quick] [--seed 1]
                                      [--out bench/results/pipeline_latency.json]
@@ -59,38 +59,36 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.busmic import Microphone  # noqa: E402
-from bench.measure import busy_cores_before_start, machine_cpu, proc_cpu_s  # noqa: E402
-from edge.auth import mint  # noqa: E402
-from edge.client import ClientError, talk_wavs  # noqa: E402
-from schemas import AudioFrame, Event, TurnEnded, decode  # noqa: E402
-from voicebus import processes  # noqa: E402
-from voicebus.demo import default_wavs, read_wav  # noqa: E402
-from voicebus.redis_server import EmbeddedRedis  # noqa: E402
-from workers.backends.asr import AsrResult, Recognizer, load_recognizer  # noqa: E402
-from workers.backends.audio import float_to_pcm16, pcm16_to_float, resample  # noqa: E402
-from workers.backends.llm import ChatMessage, OpenAIChat  # noqa: E402
-from workers.backends.tts import load_backend  # noqa: E402
-from workers.backends.vad import VadModels, load_vad_models  # noqa: E402
-from workers.config import Config  # noqa: E402
-from workers.config_load import load_config  # noqa: E402
-from workers.llm_worker import SAY_AGAIN  # noqa: E402
-from workers.observability.metrics import percentile as interpolated  # noqa: E402
-from workers.runtime.bus import FIELD, Bus, connect, read  # noqa: E402
-from workers.runtime.keys import Keys  # noqa: E402
-from workers.text.chunking import Chunker  # noqa: E402
-from workers.tts_worker import ChunkMetrics, TtsStage  # noqa: E402
-from workers.vad.turn_detection import (  # noqa: E402
+from bench.busmic import Microphone
+from bench.measure import busy_cores_before_start, machine_cpu, proc_cpu_s
+from edge.auth import mint
+from edge.client import ClientError, talk_wavs
+from schemas import AudioFrame, Event, TurnEnded, decode
+from voicebus import processes
+from voicebus.demo import default_wavs, read_wav
+from voicebus.redis_server import EmbeddedRedis
+from workers.backends.asr import AsrResult, Recognizer, load_recognizer
+from workers.backends.audio import float_to_pcm16, pcm16_to_float, resample
+from workers.backends.llm import ChatMessage, OpenAIChat
+from workers.backends.tts import load_backend
+from workers.backends.vad import VadModels, load_vad_models
+from workers.config import Config
+from workers.config_load import load_config
+from workers.llm_worker import SAY_AGAIN
+from workers.observability.metrics import percentile as interpolated
+from workers.runtime.bus import FIELD, Bus, connect, read
+from workers.runtime.keys import Keys
+from workers.text.chunking import Chunker
+from workers.tts_worker import ChunkMetrics, TtsStage
+from workers.vad.turn_detection import (
     RATE,
     WINDOW,
     NeedsTurnCheck,
     TurnDetector,
     TurnEnd,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 STAGES = ("turn_detect", "asr", "llm_ttft", "llm_first_text", "tts_first_chunk",
           "end_of_speech_to_first_audio")

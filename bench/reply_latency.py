@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """From a final transcript to the first audio: LLM and TTS latency, sentence vs word mode.
 
-    python bench/reply_latency.py [--runs 3] [--modes sentence word] [--no-bus]
+    python -m bench.reply_latency [--runs 3] [--modes sentence word] [--no-bus]
                                   [--out bench/results/reply_latency.json]
 
 Uses the shipped defaults: the local LLM (llama.cpp serving Qwen2.5-Coder-1.5B
@@ -38,19 +38,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from schemas import AudioChunk, TextChunk, Transcript, decode, encode
+from voicebus.local_llm import LocalLlmServer
+from voicebus.redis_server import EmbeddedRedis
+from workers.backends.llm import OpenAIChat
+from workers.backends.tts import TtsBackend, load_backend
+from workers.config import LlmConfig, TtsConfig
+from workers.observability.metrics import percentile as interpolated
+from workers.runtime.bus import FIELD
+from workers.runtime.keys import Keys
+from workers.text.chunking import Chunker
 
-from schemas import AudioChunk, TextChunk, Transcript, decode, encode  # noqa: E402
-from voicebus.local_llm import LocalLlmServer  # noqa: E402
-from voicebus.redis_server import EmbeddedRedis  # noqa: E402
-from workers.backends.llm import OpenAIChat  # noqa: E402
-from workers.backends.tts import TtsBackend, load_backend  # noqa: E402
-from workers.config import LlmConfig, TtsConfig  # noqa: E402
-from workers.observability.metrics import percentile as interpolated  # noqa: E402
-from workers.runtime.bus import FIELD  # noqa: E402
-from workers.runtime.keys import Keys  # noqa: E402
-from workers.text.chunking import Chunker  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PROMPTS = [
     "What is the capital of France?",

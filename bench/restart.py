@@ -2,7 +2,7 @@
 stage's worker, time until its replacement has started taking work (its "started
 (group" line), with a loaded standby (the default) and without (``--no-standby``).
 
-    python bench/restart.py [--kills 3] [--out bench/results/restart.json]
+    python -m bench.restart [--kills 3] [--out bench/results/restart.json]
 
 Runs its own Redis; the LLM stage points at an address nothing listens on (no
 reply is asked for: only the process's start is measured). Each kill waits until
@@ -19,15 +19,13 @@ import os
 import re
 import signal
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.measure import busy_cores_before_start
+from voicebus.supervisor import CRASH_LOOP_S, Supervisor
 
-from bench.measure import busy_cores_before_start  # noqa: E402
-from voicebus.supervisor import CRASH_LOOP_S, Supervisor  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 STAGES = ("vad", "asr", "llm", "tts")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Real human recordings, labelled for turn taking (``bench/turn_taking.py``).
 
-    python bench/speech_corpus.py [--rebuild] [--export DIR] [--list]
+    python -m bench.speech_corpus [--rebuild] [--export DIR] [--list]
 
 Builds (once) and caches under ``~/.cache/voicebus/bench-corpus/`` (or
 ``$VOICEBUS_BENCH_CORPUS``) a few hundred *turns*: one 16 kHz mono utterance each, with
@@ -59,10 +59,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 VERSION = 2  # bump when the recipe changes: the cache is keyed by it
 SEED = 20240917

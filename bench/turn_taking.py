@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Turn taking on real recordings: false cuts at inner pauses, missed ends, decision delay.
 
-    python bench/turn_taking.py [--limit N] [--configs baseline,default]
+    python -m bench.turn_taking [--limit N] [--configs baseline,default]
                                 [--set [NAME:]vad.x.y=VALUE ...] [--types single,joined]
                                 [--out bench/results/turn_taking.json]
 
@@ -34,7 +34,6 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -44,13 +43,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.speech_corpus import CACHE, PAUSE_BINS, Pause, Turn, load_corpus
+from workers.config import Config
+from workers.vad import turn_detection as td
 
-from bench.speech_corpus import CACHE, PAUSE_BINS, Pause, Turn, load_corpus  # noqa: E402
-from workers.config import Config  # noqa: E402
-from workers.vad import turn_detection as td  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RATE = 16_000
 WINDOW = 512

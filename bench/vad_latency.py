@@ -1,6 +1,6 @@
 """VAD benchmark: model costs, and end of speech -> TurnEnded through the real bus.
 
-    python bench/vad_latency.py [--reps 3] [--out bench/results/vad_latency.json]
+    python -m bench.vad_latency [--reps 3] [--out bench/results/vad_latency.json]
 
 1. Silero cost per 32 ms window, the detector's whole cost per window, Smart
    Turn feature extraction and inference per call (in this process; Smart Turn
@@ -26,20 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.busmic import Microphone
+from schemas import TurnEnded, decode
+from voicebus.demo import default_wavs, read_wav
+from voicebus.redis_server import EmbeddedRedis
+from workers.backends.audio import pcm16_to_float, resample
+from workers.backends.silero import SileroModel
+from workers.backends.smart_turn import SmartTurnModel, log_mel
+from workers.config import Config
+from workers.runtime.bus import FIELD, Bus, connect, read
+from workers.runtime.keys import Keys
+from workers.vad.turn_detection import TurnDetector
 
-from bench.busmic import Microphone  # noqa: E402
-from schemas import TurnEnded, decode  # noqa: E402
-from voicebus.demo import default_wavs, read_wav  # noqa: E402
-from voicebus.redis_server import EmbeddedRedis  # noqa: E402
-from workers.backends.audio import pcm16_to_float, resample  # noqa: E402
-from workers.backends.silero import SileroModel  # noqa: E402
-from workers.backends.smart_turn import SmartTurnModel, log_mel  # noqa: E402
-from workers.config import Config  # noqa: E402
-from workers.runtime.bus import FIELD, Bus, connect, read  # noqa: E402
-from workers.runtime.keys import Keys  # noqa: E402
-from workers.vad.turn_detection import TurnDetector  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pct(values: list[float], q: float) -> float:

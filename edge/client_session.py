@@ -28,10 +28,10 @@ READY_TIMEOUT_S = 10.0  # `start` -> `ready`
 REPORT_EVERY_S = 0.2  # `played` reports while a turn plays
 
 CLOSE_MEANINGS = {
-    protocol.CLOSE_NORMAL: "normal", protocol.CLOSE_POLICY: "bad message",
-    protocol.CLOSE_TOO_BIG: "frame too large", protocol.CLOSE_SERVER_ERROR: "server error",
-    protocol.CLOSE_SESSION_TOO_LONG: "session too long", protocol.CLOSE_IDLE: "idle too long",
-    protocol.CLOSE_RATE: "too many frames per second", 1006: "connection lost",
+    protocol.Close.NORMAL: "normal", protocol.Close.POLICY: "bad message",
+    protocol.Close.TOO_BIG: "frame too large", protocol.Close.SERVER_ERROR: "server error",
+    protocol.Close.SESSION_TOO_LONG: "session too long", protocol.Close.IDLE: "idle too long",
+    protocol.Close.RATE: "too many frames per second", 1006: "connection lost",
 }
 
 
@@ -120,7 +120,7 @@ class _Session:
                 else:
                     await self._on_control(self._parse(message))
         except ConnectionClosed:
-            if self.stopping and self.ws.close_code == protocol.CLOSE_NORMAL:
+            if self.stopping and self.ws.close_code == protocol.Close.NORMAL:
                 return
             raise self.closed_error() from None
 

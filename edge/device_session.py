@@ -88,9 +88,9 @@ class DeviceSession:
         now = time.monotonic()
         self.last_frame = now
         if not self.frame_rate.allows(now):
-            raise Closing(protocol.CLOSE_RATE, "too many frames per second")
+            raise Closing(protocol.Close.RATE, "too many frames per second")
         if len(data) % 2:
-            raise Closing(protocol.CLOSE_POLICY, "audio must be PCM16: odd number of bytes")
+            raise Closing(protocol.Close.POLICY, "audio must be PCM16: odd number of bytes")
         if not data:
             return
         offset_ms = self.samples_in * 1000 // self.rate

@@ -161,16 +161,16 @@ class Gateway:
             async with asyncio.timeout(START_TIMEOUT_S):
                 first = await ws.recv()
             if isinstance(first, bytes):
-                raise Closing(protocol.CLOSE_POLICY, "the first message must be start")
+                raise Closing(protocol.Close.POLICY, "the first message must be start")
             start = protocol.parse_device_message(first)
             if not isinstance(start, protocol.Start) or not 8000 <= start.sample_rate <= 48000:
-                raise Closing(protocol.CLOSE_POLICY,
+                raise Closing(protocol.Close.POLICY,
                               "the first message must be start with 8000 <= sample_rate <= 48000")
         except TimeoutError:
-            await ws.close(protocol.CLOSE_POLICY, "no start message")
+            await ws.close(protocol.Close.POLICY, "no start message")
             return
         except protocol.ProtocolError as exc:
-            await ws.close(protocol.CLOSE_POLICY, str(exc)[:120])
+            await ws.close(protocol.Close.POLICY, str(exc)[:120])
             return
         except Closing as exc:
             await ws.close(exc.code, exc.reason)
@@ -204,10 +204,10 @@ class Gateway:
                         session.on_played(parsed.turn_id, parsed.samples)
                     elif isinstance(parsed, protocol.Stop):
                         reason = "device said stop"
-                        await ws.close(protocol.CLOSE_NORMAL, "bye")
+                        await ws.close(protocol.Close.NORMAL, "bye")
                         break
                     else:
-                        raise Closing(protocol.CLOSE_POLICY, "start was already sent")
+                        raise Closing(protocol.Close.POLICY, "start was already sent")
             except Closing as exc:
                 reason = exc.reason
                 log.info("closing the connection: %s (%d)", exc.reason, exc.code)
@@ -220,13 +220,13 @@ class Gateway:
             except protocol.ProtocolError as exc:
                 reason = f"protocol error: {exc}"
                 await session.send(protocol.Error(reason))
-                await ws.close(protocol.CLOSE_POLICY, reason[:120])
+                await ws.close(protocol.Close.POLICY, reason[:120])
             except ConnectionClosed:
                 pass
             except (RedisError, OSError) as exc:
                 reason = f"bus unavailable: {exc}"
                 log.warning("closing the connection: %s", reason)
-                await ws.close(protocol.CLOSE_SERVER_ERROR, "bus unavailable")
+                await ws.close(protocol.Close.SERVER_ERROR, "bus unavailable")
             finally:
                 watchdog.cancel()
                 pump.cancel()
@@ -241,10 +241,10 @@ class Gateway:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             if now - session.started > cfg.max_session_s:
-                code, reason = protocol.CLOSE_SESSION_TOO_LONG, "session too long"
+                code, reason = protocol.Close.SESSION_TOO_LONG, "session too long"
             elif (now - session.last_frame > cfg.idle_timeout_s
                   and not session.publishes_waiting):  # held back by Redis, not idle
-                code, reason = protocol.CLOSE_IDLE, "idle too long"
+                code, reason = protocol.Close.IDLE, "idle too long"
             else:
                 continue
             log.info("closing session %s: %s", session.session_id, reason)

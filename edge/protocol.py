@@ -53,18 +53,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from enum import IntEnum
 from typing import Any, ClassVar, Final
 
 VERSION: Final = 1
 PATH: Final = "/v1/session"
 
-CLOSE_NORMAL: Final = 1000
-CLOSE_POLICY: Final = 1008
-CLOSE_TOO_BIG: Final = 1009
-CLOSE_SERVER_ERROR: Final = 1011
-CLOSE_SESSION_TOO_LONG: Final = 4002
-CLOSE_IDLE: Final = 4003
-CLOSE_RATE: Final = 4008
+
+class Close(IntEnum):
+    """The WebSocket close codes the gateway sends (RFC 6455's, then ours in 4000-4999)."""
+    NORMAL = 1000
+    POLICY = 1008
+    TOO_BIG = 1009
+    SERVER_ERROR = 1011
+    SESSION_TOO_LONG = 4002
+    IDLE = 4003
+    RATE = 4008
+
 
 class ProtocolError(ValueError):
     """A message that breaks the protocol; the text says what is wrong."""

@@ -108,7 +108,7 @@ class Peer:
                     self.played.append((time.monotonic(), parsed.turn_id, parsed.samples))
                 elif isinstance(parsed, protocol.Stop):
                     self.stop_at = time.monotonic()
-                    await ws.close(protocol.CLOSE_NORMAL, "bye")
+                    await ws.close(protocol.Close.NORMAL, "bye")
         finally:
             script.cancel()
 
@@ -323,7 +323,7 @@ async def test_a_close_by_the_gateway_raises_its_code_and_reason(
         await peer.heard(0.2)
         await send(ws, type="speech_started", turn_id="t1")
         await send(ws, type="error", reason="idle too long")
-        await ws.close(protocol.CLOSE_IDLE, "idle too long")
+        await ws.close(protocol.Close.IDLE, "idle too long")
 
     _, url = await gateway(idle)
     wav = write_wav(tmp_path / "q.wav", tone(1.0, IN_RATE))

@@ -163,7 +163,7 @@ async def test_the_session_belongs_to_the_tokens_user(gateway: Gateway,
     await ws.send(json.dumps({"type": "start", "sample_rate": 16000, "user_id": "bob"}))
     with pytest.raises(ConnectionClosed) as closed:
         await receive(ws, "never")
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_POLICY
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.Close.POLICY
 
 
 async def test_audio_frames_reach_the_session_in_order(gateway: Gateway,
@@ -376,11 +376,11 @@ async def test_an_oversized_frame_closes_only_that_session(gateway: Gateway) -> 
     await ws.send(b"\0" * 10_000)
     with pytest.raises(ConnectionClosed) as closed:
         await receive(ws, "never")
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_TOO_BIG
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.Close.TOO_BIG
     await other.send(pcm(0, 320))  # the other device carries on
     await other.send(json.dumps({"type": "stop"}))
     await other.wait_closed()
-    assert other.close_code == protocol.CLOSE_NORMAL
+    assert other.close_code == protocol.Close.NORMAL
 
 
 async def test_a_flood_is_cut_off(gateway: Gateway) -> None:
@@ -389,7 +389,7 @@ async def test_a_flood_is_cut_off(gateway: Gateway) -> None:
         for _ in range(500):
             await ws.send(pcm(0, 16))
         await receive(ws, "never")
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_RATE
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.Close.RATE
     assert "too many frames" in closed.value.rcvd.reason
 
 
@@ -397,7 +397,7 @@ async def test_an_idle_device_is_closed(gateway: Gateway) -> None:
     ws, _ = await open_session(gateway)
     with pytest.raises(ConnectionClosed) as closed:
         await receive(ws, "never", wait_s=10)
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_IDLE
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.Close.IDLE
 
 
 async def test_bad_messages_close_with_a_reason(gateway: Gateway) -> None:
@@ -408,7 +408,7 @@ async def test_bad_messages_close_with_a_reason(gateway: Gateway) -> None:
         with pytest.raises(ConnectionClosed) as closed:
             await receive(ws, "never")
         assert closed.value.rcvd is not None
-        assert closed.value.rcvd.code == protocol.CLOSE_POLICY
+        assert closed.value.rcvd.code == protocol.Close.POLICY
         assert words in closed.value.rcvd.reason
 
 
@@ -536,7 +536,7 @@ async def test_a_redis_restart_keeps_the_device_connected_and_loses_no_audio(
         await ws.send(json.dumps({"type": "stop"}))  # still connected: a clean goodbye
         with pytest.raises(ConnectionClosed) as closed:
             await receive(ws, "never")
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_NORMAL
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.Close.NORMAL
     finally:
         await gw.close()
 
@@ -555,7 +555,7 @@ async def test_an_outage_longer_than_the_budget_closes_the_device_with_1011(
                 await ws.send(pcm(2, 320))
                 await asyncio.sleep(0.1)
         assert closed.value.rcvd is not None
-        assert closed.value.rcvd.code == protocol.CLOSE_SERVER_ERROR
+        assert closed.value.rcvd.code == protocol.Close.SERVER_ERROR
         assert 1.0 <= time.monotonic() - started < 5.0
     finally:
         await gw.close()
@@ -621,6 +621,6 @@ async def test_the_burst_of_frames_held_by_an_outage_is_not_taken_for_a_flood(
         await ws.send(json.dumps({"type": "stop"}))
         with pytest.raises(ConnectionClosed) as closed:
             await receive(ws, "never")
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.CLOSE_NORMAL
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == protocol.Close.NORMAL
     finally:
         await gw.close()

@@ -31,6 +31,7 @@ from typing import IO
 from redis import Redis
 from redis.exceptions import RedisError
 
+from voicebus import processes
 from voicebus.local_llm import LocalLlmServer, needs_local_server
 from voicebus.redis_server import EmbeddedRedis
 from workers import stages
@@ -47,7 +48,7 @@ CRASH_LOOP_S = 10.0  # a process that dies sooner than this after starting is re
 STANDBY_AFTER_S = 5.0  # a new standby loads once the takeover's work is done: 2 cores
 
 
-class Supervisor:
+class Supervisor(processes.ChildServer):
     def __init__(self, redis_url: str | None, *, stages: Sequence[str] = STAGES,
                  config_path: str | None = None, log_stream: IO[str] | None = None,
                  restart: bool = True, llm: LlmConfig | None = None,
@@ -146,13 +147,6 @@ class Supervisor:
             if pid is not None:
                 out[name] = pid
         return out
-
-    def __enter__(self) -> Supervisor:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def wait(self) -> None:
         """Block until Ctrl-C / SIGTERM."""

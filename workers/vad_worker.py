@@ -69,21 +69,10 @@ from workers.runtime import Context, Emit
 from workers.runtime.bus import as_str
 from workers.runtime.sessions import SessionStage
 from workers.runtime.shared_result import is_pending
+from workers.vad import actions as act
 from workers.vad.pauses import PauseProfile
 from workers.vad.takeover import open_turn
-from workers.vad.turn_detection import (
-    RATE,
-    Action,
-    Blip,
-    Commit,
-    NeedsTurnCheck,
-    Resumed,
-    SpeechStart,
-    SpeechStop,
-    TurnDetector,
-    TurnEnd,
-    seconds,
-)
+from workers.vad.turn_detection import RATE, TurnDetector, seconds
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +101,7 @@ class HybridVad:
         self.ended: tuple[str, str] | None = None  # (turn id, traceparent) of the last turn
         # The speculative TurnEnd whose transcript the detector waits for: its turn id,
         # the guess, and until when (monotonic) to look.
-        self.guess: tuple[str, TurnEnd, float] | None = None
+        self.guess: tuple[str, act.TurnEnd, float] | None = None
         self.tentative: TurnEnded | None = None  # the tentative end awaiting its commit
         self.pauses: PauseProfile | None = None
         # (audio ms at a frame's end, its created_ns): places audio time on the wall
@@ -154,16 +143,16 @@ class HybridVad:
                 async for out in self._act(action, ctx, event):
                     yield out
 
-    async def _act(self, action: Action, ctx: Context, cause: Event) -> AsyncIterator[Emit]:
+    async def _act(self, action: act.Action, ctx: Context, cause: Event) -> AsyncIterator[Emit]:
         sid, out = self.session_id, ctx.keys.out(self.session_id)
-        if isinstance(action, SpeechStart):
+        if isinstance(action, act.SpeechStart):
             async for emitted in self._speech_started(action, ctx, cause):
                 yield emitted
-        elif isinstance(action, SpeechStop) and self.turn_id:
+        elif isinstance(action, act.SpeechStop) and self.turn_id:
             yield Emit(out, SpeechStopped(session_id=sid, turn_id=self.turn_id,
                                           audio_ms=self._at(action.at),
                                           traceparent=self.traceparent))
-        elif isinstance(action, NeedsTurnCheck) and self.models.turn_end is not None:
+        elif isinstance(action, act.NeedsTurnCheck) and self.models.turn_end is not None:
             # ~50 ms of CPU: off the event loop, so leases and other sessions go on.
             probability = await asyncio.to_thread(self.models.turn_end.probability,
                                                   action.audio)
@@ -173,18 +162,18 @@ class HybridVad:
             for follow_up in follow_ups:
                 async for emitted in self._act(follow_up, ctx, cause):
                     yield emitted
-        elif isinstance(action, TurnEnd) and self.turn_id:
+        elif isinstance(action, act.TurnEnd) and self.turn_id:
             async for emitted in self._turn_ended(action, ctx, cause):
                 yield emitted
-        elif isinstance(action, Commit) and self.tentative is not None:
+        elif isinstance(action, act.Commit) and self.tentative is not None:
             async for emitted in self._committed(action, ctx):
                 yield emitted
-        elif isinstance(action, Resumed):
+        elif isinstance(action, act.Resumed):
             await self._learn_pause(action, ctx)
-        elif isinstance(action, Blip):
+        elif isinstance(action, act.Blip):
             log.debug("ignored a %d ms blip at %d ms", _ms(action.speech), self._at(action.start))
 
-    async def _speech_started(self, start: SpeechStart, ctx: Context,
+    async def _speech_started(self, start: act.SpeechStart, ctx: Context,
                               cause: Event) -> AsyncIterator[Emit]:
         if self.pauses is None and self.config.vad.adaptive.enabled:
             self.pauses = PauseProfile(
@@ -212,7 +201,7 @@ class HybridVad:
             session_id=self.session_id, turn_id=self.turn_id, audio_ms=self._at(start.at),
             continues=self.continues, traceparent=self.traceparent))
 
-    async def _agent_turn(self, ctx: Context, start: SpeechStart) -> str:
+    async def _agent_turn(self, ctx: Context, start: act.SpeechStart) -> str:
         """What the new speech does to a pending or playing agent turn: "continued" (none
         of its reply was heard: it is dropped and the user's turn goes on), "barge-in"
         (it is cut off), or "" (there is none)."""
@@ -242,7 +231,7 @@ class HybridVad:
                 log.info("barge-in: cancelled agent turn %s", agent_turn)
         return outcome
 
-    async def _heard(self, ctx: Context, agent_turn: str, start: SpeechStart) -> bool:
+    async def _heard(self, ctx: Context, agent_turn: str, start: act.SpeechStart) -> bool:
         """Had the user heard any of ``agent_turn``'s reply when this speech began?"""
         raw = await ctx.bus.redis.get(ctx.keys.audible(self.session_id))
         if raw is None:
@@ -260,7 +249,7 @@ class HybridVad:
         """When the frame holding audio time ``audio_ms`` was received (its created_ns)."""
         return self.frame_clock.wall_ns(audio_ms)
 
-    async def _texted(self, ctx: Context) -> list[Action]:
+    async def _texted(self, ctx: Context) -> list[act.Action]:
         """One look for the transcript the detector waits for (once per frame)."""
         assert self.guess is not None
         turn_id, guess, deadline = self.guess
@@ -280,7 +269,7 @@ class HybridVad:
         self.guess = None
         return self.detector.texted(guess.speech_end, text)
 
-    async def _learn_pause(self, resumed: Resumed, ctx: Context) -> None:
+    async def _learn_pause(self, resumed: act.Resumed, ctx: Context) -> None:
         if self.pauses is None:
             return
         before = self.detector.pause_allowance
@@ -289,7 +278,8 @@ class HybridVad:
             log.info("user pauses %.2f s on average: waits cover %.2f s",
                      self.pauses.average_s or 0, self.detector.pause_allowance / RATE)
 
-    async def _turn_ended(self, end: TurnEnd, ctx: Context, cause: Event) -> AsyncIterator[Emit]:
+    async def _turn_ended(self, end: act.TurnEnd, ctx: Context,
+                          cause: Event) -> AsyncIterator[Emit]:
         assert self.turn_id is not None
         turn = TurnEnded(
             session_id=self.session_id, turn_id=self.turn_id, sample_rate=RATE,
@@ -322,7 +312,7 @@ class HybridVad:
         self.tentative = _without_audio(turn) if end.tentative else None
         self.turn_id = None
 
-    async def _committed(self, commit: Commit, ctx: Context) -> AsyncIterator[Emit]:
+    async def _committed(self, commit: act.Commit, ctx: Context) -> AsyncIterator[Emit]:
         """The tentative turn is over for good: the same TurnEnded, not tentative, on the
         out stream (the gateway may now play its reply)."""
         assert self.tentative is not None
@@ -344,7 +334,7 @@ class HybridVad:
                      turn.turn_id, commit.rule, commit.text_verdict or "-",
                      self._at(commit.decided) - turn.speech_end_ms)
 
-    def _record_span(self, end: TurnEnd) -> None:
+    def _record_span(self, end: act.TurnEnd) -> None:
         """The turn-detection span: from when the audio of the speech end was captured
         (its frame's ``created_ns``) to the decision (now)."""
         now = time.time_ns()

@@ -7,6 +7,7 @@ import os
 import sys
 
 from tests.support.stages import STAGES
+from workers.config import RedisConfig, WorkerConfig
 from workers.observability.logs import setup_logging
 from workers.runtime import JobStage, RuntimeSettings
 from workers.runtime.jobs import JobWorker
@@ -18,12 +19,14 @@ def main() -> None:
     stage_name, url, prefix = sys.argv[1:4]
     setup_logging("INFO", "text", component=stage_name)
     settings = RuntimeSettings(
-        url=url, prefix=prefix,
-        claim_idle_ms=int(os.environ.get("TEST_CLAIM_IDLE_MS", "1000")),
-        block_ms=200, shutdown_grace_s=float(os.environ.get("TEST_GRACE_S", "5")),
-        janitor_interval_s=1.0, max_deliveries=int(os.environ.get("TEST_MAX_DELIVERIES", "5")),
-        concurrency=int(os.environ.get("TEST_CONCURRENCY", "4")),
-        liveness_ms=int(os.environ.get("TEST_LIVENESS_MS", "1500")))
+        url,
+        RedisConfig(key_prefix=prefix, block_ms=200,
+                    claim_idle_ms=int(os.environ.get("TEST_CLAIM_IDLE_MS", "1000")),
+                    max_deliveries=int(os.environ.get("TEST_MAX_DELIVERIES", "5"))),
+        WorkerConfig(janitor_interval_s=1.0,
+                     shutdown_grace_s=float(os.environ.get("TEST_GRACE_S", "5")),
+                     concurrency=int(os.environ.get("TEST_CONCURRENCY", "4")),
+                     liveness_ms=int(os.environ.get("TEST_LIVENESS_MS", "1500"))))
     stage = STAGES[stage_name]
     worker: Worker = (JobWorker(stage, settings) if isinstance(stage, JobStage)
                       else SessionWorker(stage, settings))

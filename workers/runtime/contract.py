@@ -6,14 +6,14 @@ worker runs with. Everything else about consuming is the runners' (``worker``,
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 
-from schemas import DEFAULT_MAX_EVENT_BYTES, Event, TurnEvent
-from workers.config import Config
+from schemas import Event, TurnEvent
+from workers.config import Config, RedisConfig, WorkerConfig
 from workers.runtime.keys import Keys
 
 T = TypeVar("T")
@@ -29,46 +29,19 @@ class Emit:
 
 @dataclass(frozen=True)
 class RuntimeSettings:
+    """What a worker runs with: the config's ``redis`` and ``worker`` sections (their
+    defaults and checks are the config's), the Redis URL it resolved, and how long a
+    session's streams live (``Config.session_streams_ttl_s``)."""
+
     url: str
-    prefix: str = "vb"
-    claim_idle_ms: int = 5_000
-    block_ms: int = 1_000
-    max_deliveries: int = 5
-    handler_attempts: int = 3
-    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
-    consumer_gc_idle_s: float = 600.0
-    session_ttl_s: int = 3_600
-    session_streams_ttl_s: int = 7_200
-    maxlen: Mapping[str, int] = field(default_factory=dict)
-    concurrency: int = 4
-    max_sessions: int = 1_000
-    shutdown_grace_s: float = 10.0
-    janitor_interval_s: float = 10.0
-    liveness_ms: int = 1_500
-    read_count: int = 8
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    session_streams_ttl_s: int = field(
+        default_factory=lambda: Config().session_streams_ttl_s())
 
     @classmethod
     def from_config(cls, config: Config, url: str) -> RuntimeSettings:
-        r, w = config.redis, config.worker
-        return cls(
-            url=url,
-            prefix=r.key_prefix,
-            claim_idle_ms=r.claim_idle_ms,
-            block_ms=r.block_ms,
-            max_deliveries=r.max_deliveries,
-            handler_attempts=r.handler_attempts,
-            max_event_bytes=r.max_event_bytes,
-            consumer_gc_idle_s=r.consumer_gc_idle_s,
-            session_ttl_s=r.session_ttl_s,
-            session_streams_ttl_s=config.session_streams_ttl_s(),
-            maxlen=r.maxlen.model_dump(),
-            concurrency=w.concurrency,
-            max_sessions=w.max_sessions,
-            read_count=w.read_count,
-            shutdown_grace_s=w.shutdown_grace_s,
-            janitor_interval_s=w.janitor_interval_s,
-            liveness_ms=w.liveness_ms,
-        )
+        return cls(url, config.redis, config.worker, config.session_streams_ttl_s())
 
 
 class BusView(Protocol):

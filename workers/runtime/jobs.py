@@ -42,7 +42,7 @@ class JobWorker(Worker):
 
     @property
     def free(self) -> int:
-        return (self.stage.concurrency or self.settings.concurrency) - len(self._in_flight)
+        return (self.stage.concurrency or self.settings.worker.concurrency) - len(self._in_flight)
 
     async def _read_loop(self) -> None:
         await self.ensure_groups()
@@ -53,7 +53,7 @@ class JobWorker(Worker):
                 await self._slot_free.wait()
                 continue
             replies = await read_group(self.reader, self.group, self.consumer,
-                                       {self.queue: ">"}, self.free, self.settings.block_ms)
+                                       {self.queue: ">"}, self.free, self.settings.redis.block_ms)
             self._note_up()
             for _stream, entries in replies:
                 for entry_id, fields in entries:
@@ -85,7 +85,7 @@ class JobWorker(Worker):
         """Renew our claim on in-flight entries so peers do not take them (also while
         draining on shutdown, until cancelled)."""
         while True:
-            await asyncio.sleep(self.settings.claim_idle_ms / 3000)
+            await asyncio.sleep(self.settings.redis.claim_idle_ms / 3000)
             ids = list(self._in_flight)
             kept = await self.leases.renew(self.queue, self.group, self.consumer, ids)
             for entry_id in set(ids) - kept:
@@ -102,14 +102,14 @@ class JobWorker(Worker):
         await self.ensure_groups()
         cursor, next_sweep = "0-0", 0.0
         while not self.stopping.is_set():
-            await self.sleep(self.settings.liveness_ms / 5000 * random.uniform(0.8, 1.2))
+            await self.sleep(self.settings.worker.liveness_ms / 5000 * random.uniform(0.8, 1.2))
             if self.free <= 0 or self.stopping.is_set():
                 continue
             found = await self.claim_from_dead(self.queue, self.free)
             if not found and time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + self.settings.claim_idle_ms / 2000
+                next_sweep = time.monotonic() + self.settings.redis.claim_idle_ms / 2000
                 reply = await self.leases.redis.xautoclaim(
-                    self.queue, self.group, self.consumer, self.settings.claim_idle_ms,
+                    self.queue, self.group, self.consumer, self.settings.redis.claim_idle_ms,
                     start_id=cursor, count=self.free)
                 cursor, found = as_str(reply[0]), reply[1]
             claimed = [e for e in found if e is None or as_str(e[0]) not in self._in_flight]

@@ -155,7 +155,7 @@ class SessionWorker(Worker):
         await self.alive.wait()  # peers must see our heartbeat before we hold anything
         while not self.stopping.is_set():
             streams: dict[str, str] = {}
-            if len(self._owned) < self.settings.max_sessions:
+            if len(self._owned) < self.settings.worker.max_sessions:
                 streams[self.announcements] = ">"
             for stream, owned in self._by_stream.items():
                 if not owned.ended and owned.queue.qsize() < _BACKLOG:
@@ -164,8 +164,9 @@ class SessionWorker(Worker):
                 self._wake.clear()
                 await wait_event(self._wake, 1.0)
                 continue
-            replies = await read_group(self.reader, self.group, self.consumer, streams,
-                                       self.settings.read_count, self.settings.block_ms)
+            replies = await read_group(
+                self.reader, self.group, self.consumer, streams,
+                self.settings.worker.read_count, self.settings.redis.block_ms)
             self._note_up()
             for stream, entries in replies:
                 if stream == self.announcements:
@@ -181,7 +182,7 @@ class SessionWorker(Worker):
                      deliveries: int) -> None:
         raw = (fields or {}).get(FIELD, b"")
         try:
-            started = decode(raw, max_bytes=self.settings.max_event_bytes)
+            started = decode(raw, max_bytes=self.settings.redis.max_event_bytes)
         except SchemaError as exc:
             await self.dead_letter(self.announcements, announce_id, raw, str(exc), deliveries)
             return
@@ -190,7 +191,7 @@ class SessionWorker(Worker):
                                    f"expected session_started, got {started.type}", deliveries,
                                    started)
             return
-        if deliveries > self.settings.max_deliveries:
+        if deliveries > self.settings.redis.max_deliveries:
             await self.dead_letter(
                 self.announcements, announce_id, raw,
                 f"session announced {deliveries} times; its owners keep dying", deliveries,
@@ -275,7 +276,7 @@ class SessionWorker(Worker):
     async def _release(self, owned: _Owned) -> None:
         """The session ended: close it, ack its announcement, let its keys expire."""
         await owned.handler.close()
-        ttl = self.settings.session_ttl_s
+        ttl = self.settings.redis.session_ttl_s
         await self.io(lambda: self.bus.ack(self.announcements, self.group, [owned.announce_id]))
         sid = owned.started.session_id
         # The gateway tears the session down too; the shortest TTL wins, in any order.
@@ -296,7 +297,7 @@ class SessionWorker(Worker):
 
         Runs on while stopping, until the sessions are handed back."""
         while True:
-            await asyncio.sleep(self.settings.claim_idle_ms / 3000)
+            await asyncio.sleep(self.settings.redis.claim_idle_ms / 3000)
             owned = list(self._owned.values())
             kept = await self.leases.renew(self.announcements, self.group, self.consumer,
                                         [o.announce_id for o in owned])
@@ -319,16 +320,16 @@ class SessionWorker(Worker):
         await self.ensure_groups()
         cursor, next_sweep = "0-0", 0.0
         while not self.stopping.is_set():
-            await self.sleep(self.settings.liveness_ms / 5000 * random.uniform(0.8, 1.2))
-            room = self.settings.max_sessions - len(self._owned)
+            await self.sleep(self.settings.worker.liveness_ms / 5000 * random.uniform(0.8, 1.2))
+            room = self.settings.worker.max_sessions - len(self._owned)
             if room <= 0 or self.stopping.is_set():
                 continue
             found = await self.claim_from_dead(self.announcements, min(room, 16))
             if not found and time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + self.settings.claim_idle_ms / 2000
+                next_sweep = time.monotonic() + self.settings.redis.claim_idle_ms / 2000
                 reply = await self.leases.redis.xautoclaim(
-                    self.announcements, self.group, self.consumer, self.settings.claim_idle_ms,
-                    start_id=cursor, count=min(room, 16))
+                    self.announcements, self.group, self.consumer,
+                    self.settings.redis.claim_idle_ms, start_id=cursor, count=min(room, 16))
                 cursor, found = as_str(reply[0]), reply[1]
             mine = {o.announce_id for o in self._owned.values()}
             claimed = [e for e in found if e is None or as_str(e[0]) not in mine]

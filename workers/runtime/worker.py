@@ -66,17 +66,17 @@ class Worker:
         self.span_name: str | None = None
         self.settings = settings
         self.consumer = consumer or consumer_name(name)
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys(settings.redis.key_prefix)
         self.redis = connect(settings.url)
-        self.reader = connect(settings.url, blocking_ms=settings.block_ms)
-        self._control_reader = connect(settings.url, blocking_ms=settings.block_ms)
-        self.bus = Bus(self.redis, self.keys, dict(settings.maxlen),
+        self.reader = connect(settings.url, blocking_ms=settings.redis.block_ms)
+        self._control_reader = connect(settings.url, blocking_ms=settings.redis.block_ms)
+        self.bus = Bus(self.redis, self.keys, settings.redis.maxlen.model_dump(),
                        session_stream_ttl_ms=settings.session_streams_ttl_s * 1000)
         # Leases and reclaiming get their own connections: a heartbeat must never
         # queue behind hundreds of sessions' acks, or peers would think us dead.
         self._lease_client = connect(settings.url)
-        self.leases = Bus(self._lease_client, self.keys, dict(settings.maxlen))
-        self.cancel = CancelLane(self.bus, settings.session_ttl_s)
+        self.leases = Bus(self._lease_client, self.keys, settings.redis.maxlen.model_dump())
+        self.cancel = CancelLane(self.bus, settings.redis.session_ttl_s)
         self.stopping = asyncio.Event()
         self.stats: Counter[str] = Counter()
         self._give_up = asyncio.Event()  # set when the grace period is over
@@ -113,7 +113,7 @@ class Worker:
     def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
         return {
             "cancel-lane": lambda: self.cancel.watch(
-                self._control_reader, self.settings.block_ms, self.stopping
+                self._control_reader, self.settings.redis.block_ms, self.stopping
             ),
             "janitor": self._janitor_loop,
             "liveness": self._liveness_loop,
@@ -123,7 +123,7 @@ class Worker:
         """Keep our liveness key: when it expires (the process died or froze), peers
         take our pending work at once instead of after ``claim_idle_ms``. Runs until
         cancelled, after the drain; then the key goes."""
-        key, ttl = self.keys.alive(self.consumer), self.settings.liveness_ms
+        key, ttl = self.keys.alive(self.consumer), self.settings.worker.liveness_ms
         try:
             while True:
                 await self.leases.redis.set(key, 1, px=ttl)
@@ -135,7 +135,7 @@ class Worker:
 
     async def _finish_in_flight(self) -> None:
         try:
-            await asyncio.wait_for(self.drain(), self.settings.shutdown_grace_s)
+            await asyncio.wait_for(self.drain(), self.settings.worker.shutdown_grace_s)
         except TimeoutError:
             log.warning("%s: grace period over; unfinished work stays pending for a peer",
                         self.consumer)
@@ -247,7 +247,7 @@ class Worker:
         """
         raw = (fields or {}).get(FIELD, b"")
         try:
-            event = decode(raw, max_bytes=self.settings.max_event_bytes)
+            event = decode(raw, max_bytes=self.settings.redis.max_event_bytes)
         except SchemaError as exc:
             await self.dead_letter(stream, entry_id, raw, str(exc), deliveries)
             return "acked", None
@@ -256,8 +256,8 @@ class Worker:
             reason = f"the {self.name} stage does not handle {event.type} events (it takes {takes})"
             await self.dead_letter(stream, entry_id, raw, reason, deliveries, event)
             return "acked", event
-        if deliveries > self.settings.max_deliveries:
-            reason = (f"delivered {deliveries} times (limit {self.settings.max_deliveries}); "
+        if deliveries > self.settings.redis.max_deliveries:
+            reason = (f"delivered {deliveries} times (limit {self.settings.redis.max_deliveries}); "
                       "it may crash the workers that take it")
             await self.dead_letter(stream, entry_id, raw, reason, deliveries, event)
             return "acked", event
@@ -305,7 +305,7 @@ class Worker:
         self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
         handler: Handler,
     ) -> tuple[Outcome, Event | None]:
-        attempts = self.settings.handler_attempts if self.retries_handlers else 1
+        attempts = self.settings.redis.handler_attempts if self.retries_handlers else 1
         for attempt in range(1, attempts + 1):
             ctx = Context(self.bus, self.cancel, self.consumer, stream, entry_id, deliveries, event)
             ordinal = 0
@@ -364,13 +364,14 @@ class Worker:
 
     async def _janitor_loop(self) -> None:
         while not self.stopping.is_set():
-            await self.sleep(self.settings.janitor_interval_s * random.uniform(0.8, 1.2))
+            await self.sleep(self.settings.worker.janitor_interval_s * random.uniform(0.8, 1.2))
             for stream in self.streams_to_tidy():
                 trimmed = await janitor.trim_consumed(self.redis, stream)
                 self.stats["trimmed"] += trimmed
                 await janitor.remove_idle_consumers(
-                    self.redis, self.keys, stream, self.group, self.settings.consumer_gc_idle_s,
-                    keep=self.consumer, dead_after_ms=2 * self.settings.liveness_ms)
+                    self.redis, self.keys, stream, self.group,
+                    self.settings.redis.consumer_gc_idle_s, keep=self.consumer,
+                    dead_after_ms=2 * self.settings.worker.liveness_ms)
 
     async def claim_from_dead(self, stream: str, count: int) -> list[Any]:
         """Pending entries of consumers whose process is gone, now ours (``count`` at
@@ -382,7 +383,7 @@ class Worker:
                 break
             taken = await janitor.claim_from(self.leases.redis, stream, self.group,
                                              self.consumer, dead, count - len(claimed),
-                                             min_idle_ms=self.settings.liveness_ms // 5)
+                                             min_idle_ms=self.settings.worker.liveness_ms // 5)
             if taken:
                 log.info("%s: %s is gone (no heartbeat): took over %d entries",
                          self.consumer, dead, len(taken))
