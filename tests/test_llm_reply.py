@@ -11,6 +11,7 @@ from typing import Any
 from workers.backends.llm import ChatMessage, LlmError
 from workers.config import LlmConfig
 from workers.llm.reply import ReplyStats, Spoken, speak
+from workers.llm.resume import Said
 from workers.text.chunking import Chunker
 
 CFG = LlmConfig(timeout=0.3, chunking="sentence", apology="Sorry, say again?")
@@ -102,3 +103,14 @@ async def test_a_cancel_closes_the_stream_and_says_nothing_more() -> None:
     spoken, turn = await said(backend, cancel)
     await task
     assert [s.text for s in spoken] == ["One."] and turn.outcome == "cancelled"
+
+
+def test_a_reply_asked_again_is_checked_chunk_by_chunk_against_what_was_said() -> None:
+    said = Said(("It is noon.", "And sunny."))
+    assert said.matches(0, "It is  noon.", last=False)  # spacing aside, the same
+    assert not said.matches(1, "And cloudy.", last=False)
+    assert not said.matches(1, "And sunny.", last=True)  # ends sooner than the one said
+    assert said.matches(2, "Anything new.", last=True)  # past what was said: goes on
+    ended = Said(("It is noon.",), ended=True)
+    assert ended.matches(0, "It is noon.", last=True)
+    assert Said().matches(0, "Fresh.", last=True)

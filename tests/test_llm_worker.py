@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from schemas import TextChunk, Transcript
 from tests.busutil import cancel_turn, pending, publish, read_all
@@ -20,6 +21,7 @@ from tests.conftest import WorkerProcs, wait_for
 from tests.support.openai_server import Script, ScriptedOpenAI
 from workers.backends.llm import EchoLlm, LlmError, LlmTimeout, OpenAIChat
 from workers.config import LlmConfig
+from workers.llm.memory import ConversationMemory, Message
 from workers.llm_worker import SAY_AGAIN
 from workers.runtime.keys import Keys
 from workers.text.chunking import chunks as chunk_text
@@ -258,14 +260,18 @@ def test_backend_streams_deltas_and_reports_failures() -> None:
     assert "".join(asyncio.run(_collect(EchoLlm(), "how are you"))) == "You said: how are you"
 
 
-def test_killing_one_of_two_llm_workers_mid_reply_still_completes_the_turn(
-        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
-    pieces = [f"Part {i} of the answer. " for i in range(12)]
-    # The first worker's reply stops after three sentences until the test is done with it
-    # (never released: it dies mid-reply, however slow the machine is); the survivor
-    # gets the whole reply.
+PARTS = [f"Part {i} of the answer. " for i in range(12)]
+
+
+def kill_mid_reply(workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis,
+                   asked_again: Script) -> tuple[list[TextChunk], list[TextChunk]]:
+    """One of two LLM workers is killed two sentences into its reply; the survivor,
+    asked again, gets ``asked_again``. The chunks said before the kill, and the whole
+    reply on the out stream."""
+    # The first worker's reply stops after three pieces until the test is done with it
+    # (never released: it dies mid-reply, however slow the machine is).
     mid_reply = threading.Event()
-    server.scripts = [Script.reply(pieces, hold=(3, mid_reply)), Script.reply(pieces)]
+    server.scripts = [Script.reply(PARTS, hold=(3, mid_reply)), asked_again]
     # A long timeout: the held reply must not end as "stalled" before the kill.
     first = workers.start_cli("llm", VOICEBUS_LLM__BASE_URL=server.url,
                               VOICEBUS_LLM__TIMEOUT="120")
@@ -280,11 +286,55 @@ def test_killing_one_of_two_llm_workers_mid_reply_still_completes_the_turn(
                                VOICEBUS_LLM__TIMEOUT=str(TIMEOUT))
     first.kill()  # mid-reply: its entry stays pending until the survivor claims it
     first.wait()
+    before = out()
     chunks = reply(sync_redis, keys, session, timeout=30)
     assert second.poll() is None
     check_well_formed(chunks)  # seq 0..n once each, one last chunk: nothing duplicated
     assert len(server.requests) == 2  # the survivor asked the model again
     acked(sync_redis, keys)
+    assert len(tts_chunks(sync_redis, keys, session)) == len(chunks)  # the same, to speak
+    return before, chunks
+
+
+def test_killing_one_of_two_llm_workers_mid_reply_still_completes_the_turn(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    _, chunks = kill_mid_reply(workers, server, sync_redis, Script.reply(PARTS))
+    assert [c.text for c in chunks] == [p.strip() for p in PARTS]  # the same reply, whole
+
+
+def test_a_reply_asked_again_that_differs_ends_where_the_dead_worker_stopped(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    """A sampling model answers differently the second time: the user must not hear the
+    start of one answer and the end of another."""
+    other = ["Something else entirely. ", "It goes on and on. ", "And ends here."]
+    before, chunks = kill_mid_reply(workers, server, sync_redis, Script.reply(other))
+    said = [c.text for c in before]
+    assert said == [p.strip() for p in PARTS[:len(said)]] and said
+    assert [c.text for c in chunks] == [*said, ""]  # ended there, with an empty last chunk
+    assert "differs from the" in workers.logs()
+
+    def remembered() -> list[Message]:
+        async def read() -> list[Message]:
+            client = aioredis.Redis.from_url(workers.url)
+            try:
+                return await ConversationMemory(client, workers.prefix).history(
+                    f"session:{chunks[0].session_id}")
+            finally:
+                await client.aclose()
+        return asyncio.run(read())
+
+    messages = wait_for(lambda: len(h := remembered()) >= 2 and h, timeout=10,
+                        what="the turn stored")
+    assert [(m.role, m.content) for m in messages] == [
+        ("user", "tell me everything"), ("assistant", " ".join(said))]  # what was said
+
+
+def test_a_reply_asked_again_goes_on_where_it_still_agrees(
+        workers: WorkerProcs, server: ScriptedOpenAI, sync_redis: redis.Redis) -> None:
+    again = [*PARTS[:2], "But then a different ending. ", "The end."]
+    before, chunks = kill_mid_reply(workers, server, sync_redis, Script.reply(again))
+    assert [c.text for c in before] == [p.strip() for p in PARTS[:2]]
+    assert [c.text for c in chunks] == [p.strip() for p in again]
 
 
 def test_an_empty_reply_is_retried_then_apologised_for(

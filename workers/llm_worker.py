@@ -53,6 +53,7 @@ from workers.backends.llm import ChatBackend, ChatMessage, load_backend
 from workers.config import Config
 from workers.llm.memory import ConversationMemory, prompt_tokens
 from workers.llm.reply import ReplyStats, speak
+from workers.llm.resume import Said, said_before
 from workers.llm.summarizer import Summarizer
 from workers.observability import semconv
 from workers.runtime import Context, Emit, JobStage
@@ -140,8 +141,17 @@ class LlmStage:
             messages = await self._prompt(ctx, user, event)
             await self._remember(ctx, user, event, "user", event.text)
         turn = ReplyStats()
-        async for emit in self._reply(event, ctx, messages, turn):
-            yield emit
+        said = Said()
+        if ctx.handled_before:  # a reply begun before: go on with it, or end it there
+            said = await said_before(ctx.bus.redis, ctx.keys.out(event.session_id),
+                                     event.turn_id)
+        if said.ended:
+            log.info("turn %s: its reply was all written before; not asked again",
+                     event.turn_id)
+            turn.spoken, turn.chunks, turn.outcome = list(said.texts), len(said.texts), "ok"
+        else:
+            async for emit in self._reply(event, ctx, messages, turn, said):
+                yield emit
         ttft, rate = turn.ttft_ms(), turn.tokens_per_s()
         span.set_attributes({semconv.GEN_AI_OUTPUT_TOKENS: turn.tokens,
                              **({semconv.LLM_TOKENS_PER_S: rate} if rate is not None else {}),
@@ -217,11 +227,33 @@ class LlmStage:
         task.add_done_callback(self._background.discard)
 
     async def _reply(self, event: Transcript, ctx: Context, messages: list[ChatMessage],
-                     turn: ReplyStats) -> AsyncIterator[Emit]:
-        async for spoken in speak(self.backend, self.config, messages, self.chunker,
-                                  ctx.cancel_event(), ctx.cancelled, turn):
-            for emit in _chunk(ctx, event, spoken.seq, spoken.text, last=spoken.last,
-                               ttft_ms=spoken.ttft_ms):
+                     turn: ReplyStats, said: Said) -> AsyncIterator[Emit]:
+        chunks = speak(self.backend, self.config, messages, self.chunker,
+                       ctx.cancel_event(), ctx.cancelled, turn)
+        differs: int | None = None
+        try:
+            async for spoken in chunks:
+                if not said.matches(spoken.seq, spoken.text, spoken.last):
+                    differs = spoken.seq
+                    break
+                for emit in _chunk(ctx, event, spoken.seq, spoken.text, last=spoken.last,
+                                   ttft_ms=spoken.ttft_ms):
+                    yield emit
+        finally:
+            await chunks.aclose()  # closes the model's stream too
+        if differs is None:
+            return
+        # The model said something else this time: the reply ends where the user's is.
+        log.warning("turn %s: the reply asked again differs from the %d chunks already "
+                    "said (at chunk %d); ending it there", event.turn_id, len(said.texts),
+                    differs)
+        turn.spoken, turn.outcome = [*said.texts, ""], "cut short"
+        turn.chunks = len(turn.spoken)
+        # The same outputs in the same order as before (the runtime skips those written
+        # then), so the empty last chunk is the first new one.
+        for seq in range(differs, len(turn.spoken)):
+            for emit in _chunk(ctx, event, seq, turn.spoken[seq],
+                               last=seq == len(said.texts)):
                 yield emit
 
 
@@ -230,8 +262,10 @@ def _chunk(ctx: Context, event: Transcript, seq: int, text: str, *, last: bool,
     chunk = TextChunk(session_id=event.session_id, turn_id=event.turn_id, seq=seq, text=text,
                       last=last, ttft_ms=ttft_ms if seq == 0 else None,
                       traceparent=event.traceparent, tracestate=event.tracestate)
-    yield Emit(ctx.keys.queue("tts"), chunk)
+    # The out stream first: it is the record of what was said that a worker taking the
+    # turn over goes by (``workers.llm.resume``), so the TTS never gets a chunk it lacks.
     yield Emit(ctx.keys.out(event.session_id), chunk)
+    yield Emit(ctx.keys.queue("tts"), chunk)
 
 
 def build(config: Config) -> JobStage:

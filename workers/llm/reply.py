@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,7 +147,7 @@ class _TokenWaiter:
 
 async def speak(backend: ChatBackend, cfg: LlmConfig, messages: list[ChatMessage],
                 chunker_factory: Callable[[], Chunker], cancel_event: asyncio.Event,
-                is_cancelled: Callable[[], bool], turn: ReplyStats) -> AsyncIterator[Spoken]:
+                is_cancelled: Callable[[], bool], turn: ReplyStats) -> AsyncGenerator[Spoken]:
     """The reply to ``messages`` as chunks to speak, by the policy above; ``turn`` keeps
     what happened (chunks, tokens, outcome)."""
     cancelled = asyncio.ensure_future(cancel_event.wait())

@@ -80,10 +80,17 @@ class Context:
     entry_id: str
     deliveries: int
     event: Event
+    attempt: int = 1  # this process's try at the entry (in-process retries count up)
 
     @property
     def keys(self) -> Keys:
         return self.bus.keys
+
+    @property
+    def handled_before(self) -> bool:
+        """Was this entry handled before, here or by a dead peer? Its outputs written
+        then are already out (the runtime writes each output ordinal once)."""
+        return self.deliveries > 1 or self.attempt > 1
 
     def cancelled(self) -> bool:
         """Has this event's turn been cancelled? Local, no I/O: check between chunks."""

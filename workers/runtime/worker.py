@@ -307,7 +307,8 @@ class Worker:
     ) -> tuple[Outcome, Event | None]:
         attempts = self.settings.redis.handler_attempts if self.retries_handlers else 1
         for attempt in range(1, attempts + 1):
-            ctx = Context(self.bus, self.cancel, self.consumer, stream, entry_id, deliveries, event)
+            ctx = Context(self.bus, self.cancel, self.consumer, stream, entry_id, deliveries, event,
+                          attempt)
             ordinal = 0
             try:
                 async for out in handler(event, ctx):
