@@ -87,6 +87,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/chaos.json")
     parser.add_argument("--baseline-turns", type=int, default=0, metavar="N",
                         help="fault-free turns for the baseline (default: --turns-per-scenario)")
+    parser.add_argument("--liveness-ms", type=int, default=None,
+                        help="worker.liveness_ms for every process (default: the product's)")
     parser.add_argument("--supervised", action="store_true",
                         help="delete a killed worker's heartbeat key at once, as `voicebus up` "
                              "does (default: peers wait for it to expire, as anywhere else)")
@@ -106,7 +108,7 @@ def main() -> int:
     print(f"Redis {url}, prefix {prefix}, process logs in {logs}", flush=True)
     try:
         with scripted_llm() as llm_url:
-            env = product_env(url, prefix, llm_url, secret, CLAIM_IDLE_MS)
+            env = product_env(url, prefix, llm_url, secret, CLAIM_IDLE_MS, args.liveness_ms)
             env["VOICEBUS_TRACING__LOCAL_PATH"] = str(logs / "spans.jsonl")
             fleet = Fleet(env, logs, supervised=args.supervised)
             fleet.start()
@@ -132,7 +134,7 @@ def main() -> int:
                        "platform": platform.platform()},
               "params": {"seed": args.seed, "turns_per_scenario": args.turns_per_scenario,
                          "scenarios": args.scenarios, "claim_idle_ms": CLAIM_IDLE_MS,
-                         "supervised": args.supervised},
+                         "liveness_ms": args.liveness_ms, "supervised": args.supervised},
               "baseline_answer_ms": baseline_ms, "logs": str(logs),
               "wall_s": round(time.monotonic() - started, 1), "scenarios": rows}
     args.out.write_text(json.dumps(report, indent=1))

@@ -91,14 +91,17 @@ def reply_pieces() -> list[str]:
 
 
 def product_env(redis_url: str, prefix: str, llm_url: str, secret: str,
-                claim_idle_ms: int = 3000) -> dict[str, str]:
-    """The environment every process gets: short timings so faults resolve quickly."""
-    return {"REDIS_URL": redis_url, "VOICEBUS_REDIS__KEY_PREFIX": prefix,
-            "VOICEBUS_GATEWAY__PORT": "0", "VOICEBUS_GATEWAY__SECRET": secret,
-            "VOICEBUS_LLM__BASE_URL": llm_url, "VOICEBUS_LLM__TEMPERATURE": "0",
-            "VOICEBUS_REDIS__CLAIM_IDLE_MS": str(claim_idle_ms),
-            "VOICEBUS_REDIS__BLOCK_MS": "200", "VOICEBUS_WORKER__LIVENESS_MS": "1500",
-            "PYTHONUNBUFFERED": "1"}
+                claim_idle_ms: int = 3000, liveness_ms: int | None = None) -> dict[str, str]:
+    """The environment every process gets: short timings so faults resolve quickly;
+    ``liveness_ms`` None: the product's default heartbeat."""
+    env = {"REDIS_URL": redis_url, "VOICEBUS_REDIS__KEY_PREFIX": prefix,
+           "VOICEBUS_GATEWAY__PORT": "0", "VOICEBUS_GATEWAY__SECRET": secret,
+           "VOICEBUS_LLM__BASE_URL": llm_url, "VOICEBUS_LLM__TEMPERATURE": "0",
+           "VOICEBUS_REDIS__CLAIM_IDLE_MS": str(claim_idle_ms),
+           "VOICEBUS_REDIS__BLOCK_MS": "200", "PYTHONUNBUFFERED": "1"}
+    if liveness_ms is not None:
+        env["VOICEBUS_WORKER__LIVENESS_MS"] = str(liveness_ms)
+    return env
 
 
 # -- processes: the harness plays the supervisor ----------------------------------------

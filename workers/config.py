@@ -311,7 +311,7 @@ class WorkerConfig(_Section):
     read_count: PositiveInt = 8  # entries read per stream per XREADGROUP
     shutdown_grace_s: PositiveFloat = 10.0  # in-flight handlers get this long on SIGTERM
     janitor_interval_s: PositiveFloat = 10.0  # streams trimmed, dead consumers removed
-    liveness_ms: Annotated[int, Field(ge=100)] = 1500  # no heartbeat this long: dead
+    liveness_ms: Annotated[int, Field(ge=100)] = 1000  # no heartbeat this long: dead
 
 
 class GatewayConfig(_Section):
