@@ -217,6 +217,9 @@ def test_every_container_runs_a_real_command_with_real_settings(
             settings = pytest.importorskip("llama_cpp.server.settings")
             assert "n_gpu_layers" in settings.ModelSettings.model_fields
             assert args.command == "llm-server"
+        if args.command == "up":  # one worker under its supervisor (see the README)
+            assert len(args.only) == 1 and args.only[0] in stages.NAMES and args.no_standby
+            args.stage = args.only[0]
         found[name] = (args.command, getattr(args, "stage", None))
         if args.command == "llm-server":
             assert config.llm.local.host == "0.0.0.0"
@@ -241,9 +244,9 @@ def test_every_container_runs_a_real_command_with_real_settings(
                           if v["name"] == mounts[str(Path(config.gateway.secret_file).parent)])
             key = Path(config.gateway.secret_file).name
             assert len(secret_value(rendered, volume["secret"]["secretName"], key)) >= 16
-    assert found == {"llm-server": ("llm-server", None), "vad": ("worker", "vad"),
-                     "asr": ("worker", "asr"), "llm": ("worker", "llm"),
-                     "tts": ("worker", "tts"), "gateway": ("gateway", None)}
+    assert found == {"llm-server": ("llm-server", None), "vad": ("up", "vad"),
+                     "asr": ("up", "asr"), "llm": ("up", "llm"),
+                     "tts": ("up", "tts"), "gateway": ("gateway", None)}
     assert set(stages.NAMES) <= set(found)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -54,3 +56,35 @@ def test_a_killed_worker_is_replaced_by_its_standby_and_its_turn_is_answered(
         replacement = wait_for(lambda: up.pids().get("asr-standby"), timeout=STANDBY_AFTER_S + 120,
                                what="a new standby")
         assert replacement not in (first, standby)
+
+
+def test_up_only_one_stage_runs_just_that_worker_and_clears_a_dead_ones_heartbeat(
+        redis_url: str, sync_redis: redis.Redis, tmp_path: Path) -> None:
+    """One worker per pod (``deploy/k8s``): ``voicebus up --only tts --no-standby``. When
+    the worker dies its heartbeat goes at once (peers in other pods take its work over
+    then, not when it would lapse) and it is started again."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    keys = Keys(prefix)
+    env = {**os.environ, "REDIS_URL": redis_url, "VOICEBUS_REDIS__KEY_PREFIX": prefix,
+           "VOICEBUS_WORKER__LIVENESS_MS": "20000", "VOICEBUS_TRACING__ENABLED": "false"}
+    log = (tmp_path / "up.log").open("w")
+    up = subprocess.Popen([sys.executable, "-m", "voicebus", "up", "--only", "tts",
+                           "--no-standby"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def alive() -> list[str]:
+            return sorted(k.decode() for k in sync_redis.scan_iter(keys.alive("*")))
+
+        [first] = wait_for(alive, timeout=120, what="the tts worker's heartbeat")
+        assert first.split(":alive:")[1].startswith("tts-")
+        text = (tmp_path / "up.log").read_text()
+        assert "voicebus is up: tts on REDIS_URL=" in text and "gateway listening" not in text
+        pid = int(first.rsplit("-", 2)[1])  # consumer: tts-HOST-PID-RANDOM
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: first not in alive(), timeout=5,
+                 what="the dead worker's heartbeat deleted (it would last 20 s)")
+        [second] = wait_for(alive, timeout=120, what="the worker started again")
+        assert second != first
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+        log.close()

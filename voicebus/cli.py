@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--no-standby", action="store_true",
                    help="no loaded standby per stage: a dead worker is restarted cold "
                         "(saves a process's memory per stage; a restart takes seconds)")
+    u.add_argument("--only", nargs="+", choices=stages.PROCESSES, metavar="PROCESS",
+                   help="run only these (" + ", ".join(stages.PROCESSES) + "), e.g. one worker "
+                        "per pod: when it dies its heartbeat goes at once, so its peers "
+                        "take its work over without waiting for the heartbeat to lapse")
     sub.add_parser("gateway", help="run the WebSocket gateway edge devices connect to")
     sub.add_parser("llm-server", help="run the local LLM server (llama.cpp) in the foreground, "
                                       "for LLM workers on this or other machines")
@@ -206,12 +210,16 @@ def cmd_up(args: argparse.Namespace, config: Config) -> int:
     from voicebus.supervisor import Supervisor
 
     supervisor = Supervisor(config.redis.url, config_path=args.config, llm=config.llm,
-                            standby=not args.no_standby)
+                            standby=not args.no_standby, stages=args.only or stages.PROCESSES)
     supervisor.start()
-    page = supervisor.gateway_url.replace("ws://", "http://", 1).rsplit("/v1/", 1)[0] + "/"
-    print(f"voicebus is up: REDIS_URL={supervisor.url}  devices: {supervisor.gateway_url} "
-          f"(voicebus token --user ID; voicebus talk)  browser: {page} (voicebus token "
-          "--user ID --url)  Ctrl-C to stop", file=sys.stderr)
+    if supervisor.gateway_url:
+        page = supervisor.gateway_url.replace("ws://", "http://", 1).rsplit("/v1/", 1)[0] + "/"
+        print(f"voicebus is up: REDIS_URL={supervisor.url}  devices: {supervisor.gateway_url} "
+              f"(voicebus token --user ID; voicebus talk)  browser: {page} (voicebus token "
+              "--user ID --url)  Ctrl-C to stop", file=sys.stderr)
+    else:
+        print(f"voicebus is up: {', '.join(supervisor.stages)} on REDIS_URL={supervisor.url}",
+              file=sys.stderr)
     try:
         supervisor.wait()
     finally:

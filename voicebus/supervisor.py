@@ -40,7 +40,7 @@ from workers.runtime.keys import Keys
 
 log = logging.getLogger("voicebus.up")
 
-STAGES = (*stages.NAMES, "gateway")  # the processes `up` runs
+STAGES = stages.PROCESSES
 READY = {"gateway": "gateway listening on "}  # the log line that says a process is ready
 # A worker's first line names its consumer, whose heartbeat key we delete when it dies.
 STARTED = re.compile(r"(?P<consumer>[\w.:-]+): started \(group \S+, prefix (?P<prefix>[^)\s]+)\)")

@@ -32,6 +32,7 @@ REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("tts", "workers.tts_worker", "job", semconv.TTS),
 )}
 NAMES = tuple(REGISTRY)
+PROCESSES = (*NAMES, "gateway")  # what `voicebus up` runs: every stage and the gateway
 
 
 def build_worker(name: str, config: Any, url: str, consumer: str | None = None) -> Worker:
