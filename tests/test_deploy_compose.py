@@ -29,10 +29,14 @@ def test_every_voicebus_service_runs_a_real_command_with_real_settings() -> None
         args = _parser().parse_args(service["command"])  # exits on an unknown command
         env = {k: str(v) for k, v in service["environment"].items()}
         config = load_config(ROOT / "config.yaml", env=env)
-        found[name] = (args.command, getattr(args, "stage", None), config)
+        stage = getattr(args, "stage", None)
+        if args.command == "up":  # one worker under its supervisor
+            assert len(args.only) == 1 and args.no_standby
+            stage = args.only[0]
+        found[name] = (args.command, stage, config)
     assert {n: (c, s) for n, (c, s, _) in found.items()} == {
-        "llm-server": ("llm-server", None), "vad": ("worker", "vad"), "asr": ("worker", "asr"),
-        "llm": ("worker", "llm"), "tts": ("worker", "tts"), "gateway": ("gateway", None)}
+        "llm-server": ("llm-server", None), "vad": ("up", "vad"), "asr": ("up", "asr"),
+        "llm": ("up", "llm"), "tts": ("up", "tts"), "gateway": ("gateway", None)}
     for name, (_command, _stage, config) in found.items():
         assert config.redis.url == "redis://redis:6379/0"
         assert config.tracing.otlp_endpoint == "http://jaeger:4318", name
