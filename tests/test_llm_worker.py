@@ -22,6 +22,7 @@ from tests.support.openai_server import Script, ScriptedOpenAI
 from workers.backends.llm import EchoLlm, LlmError, LlmTimeout, OpenAIChat
 from workers.config import LlmConfig
 from workers.llm.memory import ConversationMemory, Message
+from workers.llm.resume import PAGE, Said, said_before
 from workers.llm_worker import SAY_AGAIN
 from workers.runtime.keys import Keys
 from workers.text.chunking import chunks as chunk_text
@@ -346,3 +347,30 @@ def test_an_empty_reply_is_retried_then_apologised_for(
     assert [(c.seq, c.text, c.last) for c in chunks] == [(0, APOLOGY, True)]
     assert len(server.requests) == 2  # one retry: nothing had been spoken
     wait_for(lambda: "reply was empty" in workers.logs(), what="the reason logged")
+
+
+def test_what_was_said_is_read_back_across_pages_to_the_turns_transcript(
+        redis_url: str, sync_redis: redis.Redis) -> None:
+    """``said_before`` reads the out stream newest first, a page at a time, past other
+    turns' entries, and stops at this turn's transcript (an older turn with the same
+    id in the stream before it is not read)."""
+    stream = f"t{uuid.uuid4().hex[:8]}:{{s1}}:out"
+
+    def chunk(turn: str, seq: int, text: str, last: bool = False) -> TextChunk:
+        return TextChunk(session_id="s1", turn_id=turn, seq=seq, text=text, last=last)
+
+    publish(sync_redis, stream, chunk("t1", 0, "From an older life of the stream.", True))
+    publish(sync_redis, stream, Transcript(session_id="s1", turn_id="t1", text="hi"))
+    for seq, text in enumerate(["One.", "Two.", "Three."]):
+        publish(sync_redis, stream, chunk("t1", seq, text))
+        for i in range(PAGE + 20):  # other entries between, more than a page
+            publish(sync_redis, stream, chunk("t0", i, "noise"))
+
+    async def read() -> Said:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await said_before(client, stream, "t1")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(read()) == Said(("One.", "Two.", "Three."), ended=False)

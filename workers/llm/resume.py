@@ -25,7 +25,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from schemas import SchemaError, TextChunk, Transcript, decode
-from workers.runtime.bus import FIELD
+from workers.runtime.bus import FIELD, as_str
 
 PAGE = 128  # out entries read back at a time: a reply's audio chunks sit between its texts
 LOOK_BACK = 4096  # at most: past the out stream's usual length (redis.maxlen.out)
@@ -54,8 +54,6 @@ async def said_before(redis: Redis, out_stream: str, turn_id: str) -> Said:
     end, read = "+", 0
     while read < LOOK_BACK:
         entries: list[Any] = await redis.xrevrange(out_stream, max=end, count=PAGE) or []
-        if end != "+":
-            entries = entries[1:]  # the page starts with the previous page's last entry
         if not entries:
             break
         read += len(entries)
@@ -65,7 +63,7 @@ async def said_before(redis: Redis, out_stream: str, turn_id: str) -> Said:
                 chunks.setdefault(event.seq, event)
             elif isinstance(event, Transcript) and event.turn_id == turn_id and event.final:
                 return _contiguous(chunks)
-        end = entries[-1][0]
+        end = "(" + as_str(entries[-1][0])  # the next page: older than this one's oldest
     return _contiguous(chunks)
 
 
