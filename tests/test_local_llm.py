@@ -195,3 +195,23 @@ def test_the_longest_prompt_and_reply_fit_the_servers_context(
     counted = [tokens(p) for p in asyncio.run(conversation())]
     assert max(counted) > 0.6 * config.llm.local.n_ctx  # the window did fill up
     assert max(counted) + config.llm.max_tokens <= config.llm.local.n_ctx
+
+
+def test_the_server_keeps_every_users_evaluated_prompt_when_asked() -> None:
+    """``llm.local.prompt_cache_mb``: users taking turns on one server keep their
+    evaluated prompts (deploy/SCALING.md: without it each turn evaluates its user's
+    whole history again). Every flag must be one llama-cpp-python's server knows."""
+    settings = pytest.importorskip("llama_cpp.server.settings")
+    known = set(settings.ModelSettings.model_fields) | set(settings.ServerSettings.model_fields)
+
+    def flags(mb: int) -> dict[str, str]:
+        config = LlmConfig(local=LocalLlmConfig(prompt_cache_mb=mb))
+        args = LocalLlmServer(config).command(Path("model.gguf"))[3:]  # after -m module
+        pairs = dict(zip(args[::2], args[1::2], strict=True))
+        assert {k.removeprefix("--") for k in pairs} <= known
+        return pairs
+
+    cached = flags(512)
+    assert (cached["--cache"], cached["--cache_type"]) == ("true", "ram")
+    assert cached["--cache_size"] == str(512 * 1024 * 1024)
+    assert "--cache" not in flags(0)

@@ -100,6 +100,28 @@ class LocalLlmServer(processes.ChildServer):
         reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         return f"http://{reach}:{self.port}/v1"
 
+    def command(self, model: Path) -> list[str]:
+        """The server's command line for ``model`` on ``self.port``."""
+        local = self.config.local
+        args = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+                "--host", local.host, "--port", str(self.port), "--n_ctx", str(local.n_ctx),
+                "--model_alias", self.config.model, "--verbose", "false",
+                # llama-cpp-python's default cuts a running reply short whenever another
+                # request arrives (seen: concurrent sessions got half or empty replies,
+                # and a background summary would cut a live turn). Queue them instead.
+                "--interrupt_requests", "false"]
+        if local.threads:
+            args += ["--n_threads", str(local.threads), "--n_threads_batch", str(local.threads)]
+        if local.prompt_cache_mb:
+            # llama.cpp keeps one evaluated prompt: with several users on one server each
+            # turn evaluates its user's whole history again (12 exchanges: 13.7 s to the
+            # first token; 1.4 s with this cache, which restores the longest prefix). Off
+            # by default: each entry also copies the logits buffer (~310 MB here), which
+            # cache_size does not count (deploy/SCALING.md).
+            args += ["--cache", "true", "--cache_type", "ram",
+                     "--cache_size", str(local.prompt_cache_mb << 20)]
+        return args
+
     def start(self) -> str:
         if importlib.util.find_spec("llama_cpp") is None:  # fail early, with a clear message
             raise LocalLlmError(
@@ -110,15 +132,7 @@ class LocalLlmServer(processes.ChildServer):
         local = self.config.local
         self.port = local.port or free_port()
         started = time.monotonic()
-        args = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
-                "--host", local.host, "--port", str(self.port), "--n_ctx", str(local.n_ctx),
-                "--model_alias", self.config.model, "--verbose", "false",
-                # llama-cpp-python's default cuts a running reply short whenever another
-                # request arrives (seen: concurrent sessions got half or empty replies,
-                # and a background summary would cut a live turn). Queue them instead.
-                "--interrupt_requests", "false"]
-        if local.threads:
-            args += ["--n_threads", str(local.threads), "--n_threads_batch", str(local.threads)]
+        args = self.command(model)
         log.info("starting the local LLM server (%s) on %s:%d", model.name, local.host,
                  self.port)
         with self._log.open("wb") as out:

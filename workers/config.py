@@ -176,6 +176,7 @@ class LocalLlmConfig(_Section):
     host: str = "127.0.0.1"  # "0.0.0.0" to serve LLM workers on other machines
     port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0: a free port
     startup_timeout: PositiveFloat = 180.0  # seconds to load the model
+    prompt_cache_mb: NonNegativeInt = 0  # users' evaluated prompts kept; RAM: deploy/SCALING.md
 
 
 class LlmConfig(_Section):
@@ -352,9 +353,8 @@ class LogConfig(_Section):
 
 
 DEFAULT_PROMPT_TOKENS = 4000  # an endpoint of unknown context: what most serve
-# The prompt's token count is an estimate (workers.llm.memory.estimate_tokens); this share of
-# the local server's free context is what it may use, so a digit-heavy or non-English
-# history (more tokens per character) still fits.
+# The prompt's token count is an estimate (workers.llm.memory.estimate_tokens): it may use
+# this share of the local server's free context, so a digit-heavy history still fits.
 PROMPT_ESTIMATE_MARGIN = 0.85
 MIN_PROMPT_TOKENS = 256
 
