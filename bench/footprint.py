@@ -34,7 +34,7 @@ from typing import Any
 import redis
 
 from bench.conversation import pick
-from bench.measure import busy_cores_before_start, proc_cpu_s
+from bench.measure import busy_cores_before_start, proc_cpu_s, rss_mb
 from bench.speech_corpus import export, load_corpus
 from edge.auth import mint
 from edge.client import ClientError, TurnResult, talk_wavs
@@ -44,20 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_EVERY_S = 0.5
 SESSION_KEY = re.compile(r"^[^:]+:\{([^}]+)\}:")  # vb:{session}:audio -> session
 USER_KEY = re.compile(r"^[^:]+:user:\{([^}]+)\}:")  # vb:user:{user}:messages -> user
-
-
-def rss_mb(pid: int | None) -> float | None:
-    """Resident memory of a process and its threads, MiB (None if gone)."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
 
 
 def key_bytes(r: redis.Redis) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
@@ -193,6 +179,7 @@ def main() -> int:
     answered = sum(1 for _, r, _ in results for t in r if not t.continued and t.audio)
     session_s = sum(s for s, _, _ in results)
     spoken_s = sum(len(t.audio) / 2 / t.sample_rate for _, r, _ in results for t in r)
+    down_bytes = sum(len(t.audio) for _, r, _ in results for t in r)
     errors = [e for _, _, e in results if e]
     per_session = sorted(sampler.session_peak.values())
     per_user = sorted(sampler.user_peak.values())
@@ -220,10 +207,8 @@ def main() -> int:
         "network": {
             # The device streams its microphone all session long (silence included).
             "up_bytes_per_session_s": 16_000 * 2,
-            "down_bytes": sum(len(t.audio) for _, r, _ in results for t in r),
-            "down_bytes_per_session_s": round(
-                sum(len(t.audio) for _, r, _ in results for t in r) / session_s)
-            if session_s else None,
+            "down_bytes": down_bytes,
+            "down_bytes_per_session_s": round(down_bytes / session_s) if session_s else None,
             "agent_speech_s": round(spoken_s, 1)},
         "cpu_s": cpu,
         "cpu_s_per_turn": {k: round(v / max(1, turns), 2) for k, v in cpu.items()},

@@ -1,5 +1,5 @@
-"""What the benchmarks measure of the machine: CPU per process and over all cores
-(from /proc), and whether the machine was idle before a run."""
+"""What the benchmarks measure of the machine: CPU and memory per process, CPU over all
+cores (from /proc), and whether the machine was idle before a run."""
 
 from __future__ import annotations
 
@@ -20,6 +20,20 @@ def proc_cpu_s(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def rss_mb(pid: int | None) -> float | None:
+    """Resident memory of a process and its threads, MiB (None if gone)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
 
 
 def machine_cpu() -> tuple[int, int]:

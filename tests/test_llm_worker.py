@@ -22,7 +22,7 @@ from tests.support.openai_server import Script, ScriptedOpenAI
 from workers.backends.llm import EchoLlm, LlmError, LlmTimeout, OpenAIChat
 from workers.config import LlmConfig
 from workers.llm.memory import ConversationMemory, Message
-from workers.llm.resume import PAGE, Said, said_before
+from workers.llm.resume import Said, said_before
 from workers.llm_worker import SAY_AGAIN
 from workers.runtime.keys import Keys
 from workers.text.chunking import chunks as chunk_text
@@ -363,7 +363,7 @@ def test_what_was_said_is_read_back_across_pages_to_the_turns_transcript(
     publish(sync_redis, stream, Transcript(session_id="s1", turn_id="t1", text="hi"))
     for seq, text in enumerate(["One.", "Two.", "Three."]):
         publish(sync_redis, stream, chunk("t1", seq, text))
-        for i in range(PAGE + 20):  # other entries between, more than a page
+        for i in range(150):  # other entries between, more than a page (128)
             publish(sync_redis, stream, chunk("t0", i, "noise"))
 
     async def read() -> Said:

@@ -20,15 +20,13 @@ against the chunks already on the session's out stream:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from redis.asyncio import Redis
 
-from schemas import SchemaError, TextChunk, Transcript, decode
-from workers.runtime.bus import FIELD, as_str
+from schemas import TextChunk, Transcript
+from workers.runtime.bus import newest_first
 
-PAGE = 128  # out entries read back at a time: a reply's audio chunks sit between its texts
-LOOK_BACK = 4096  # at most: past the out stream's usual length (redis.maxlen.out)
+LOOK_BACK = 4096  # out entries at most: past the out stream's usual length (redis.maxlen.out)
 
 
 @dataclass(frozen=True)
@@ -51,30 +49,12 @@ async def said_before(redis: Redis, out_stream: str, turn_id: str) -> Said:
     """What the session's out stream holds of ``turn_id``'s reply: read newest first,
     back to the turn's transcript (the reply cannot be older than that)."""
     chunks: dict[int, TextChunk] = {}
-    end, read = "+", 0
-    while read < LOOK_BACK:
-        entries: list[Any] = await redis.xrevrange(out_stream, max=end, count=PAGE) or []
-        if not entries:
+    async for event in newest_first(redis, out_stream, LOOK_BACK):
+        if isinstance(event, TextChunk) and event.turn_id == turn_id:
+            chunks.setdefault(event.seq, event)
+        elif isinstance(event, Transcript) and event.turn_id == turn_id and event.final:
             break
-        read += len(entries)
-        for _, fields in entries:
-            event = _decoded(fields)
-            if isinstance(event, TextChunk) and event.turn_id == turn_id:
-                chunks.setdefault(event.seq, event)
-            elif isinstance(event, Transcript) and event.turn_id == turn_id and event.final:
-                return _contiguous(chunks)
-        end = "(" + as_str(entries[-1][0])  # the next page: older than this one's oldest
     return _contiguous(chunks)
-
-
-def _decoded(fields: Any) -> Any:
-    raw = (fields or {}).get(FIELD)
-    if not isinstance(raw, bytes):
-        return None
-    try:
-        return decode(raw)
-    except SchemaError:
-        return None  # poison is not ours to judge here: the gateway dead-letters it
 
 
 def _contiguous(chunks: dict[int, TextChunk]) -> Said:

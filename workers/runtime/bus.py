@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -29,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from schemas import DeadLetter, Event, encode
+from schemas import DeadLetter, Event, SchemaError, decode, encode
 from workers.runtime.keys import Keys, StreamKind
 
 FIELD = b"e"  # the one field of every entry: the encoded event
@@ -151,6 +151,29 @@ async def read_group(client: aioredis.Redis, group: str, consumer: str,
 async def read(client: aioredis.Redis, streams: Mapping[str, str], count: int,
                block_ms: int) -> Replies:
     return _entries(await client.xread(cast(Any, dict(streams)), count=count, block=block_ms))
+
+
+async def newest_first(client: aioredis.Redis, stream: str, limit: int,
+                       page: int = 128) -> AsyncIterator[Event]:
+    """The events of ``stream`` newest first, ``limit`` entries at most, a page at a
+    time (what a worker taking over reads back of a session). Entries that do not
+    decode are passed over: poison is the gateway's to dead-letter."""
+    end, read_so_far = "+", 0
+    while read_so_far < limit:
+        entries: list[Any] = await client.xrevrange(
+            stream, max=end, count=min(page, limit - read_so_far)) or []
+        if not entries:
+            return
+        read_so_far += len(entries)
+        for _, fields in entries:
+            raw = (fields or {}).get(FIELD)
+            if not isinstance(raw, bytes):
+                continue
+            try:
+                yield decode(raw)
+            except SchemaError:
+                continue
+        end = "(" + as_str(entries[-1][0])  # the next page: older than this one's oldest
 
 
 def consumer_name(stage: str) -> str:

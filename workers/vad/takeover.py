@@ -9,27 +9,17 @@ hears the end of.
 
 from __future__ import annotations
 
-from typing import Any
-
 from redis.asyncio import Redis
 
-from schemas import SchemaError, SpeechStarted, TurnEnded, decode
-from workers.runtime.bus import FIELD
+from schemas import SpeechStarted, TurnEnded
+from workers.runtime.bus import newest_first
 
 LOOK_BACK = 256  # out entries: a reply's audio chunks may follow the last turn's end
 
 
 async def open_turn(redis: Redis, out_stream: str) -> SpeechStarted | None:
     """The newest turn start on ``out_stream`` with no turn end after it, if any."""
-    entries: list[Any] = await redis.xrevrange(out_stream, count=LOOK_BACK) or []
-    for _id, fields in entries:
-        raw = (fields or {}).get(FIELD)
-        if not isinstance(raw, bytes):
-            continue
-        try:
-            event = decode(raw)
-        except SchemaError:
-            continue  # poison is not ours to judge here: the gateway dead-letters it
+    async for event in newest_first(redis, out_stream, LOOK_BACK):
         if isinstance(event, TurnEnded):
             return None
         if isinstance(event, SpeechStarted):
