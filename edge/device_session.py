@@ -334,7 +334,7 @@ class DeviceSession:
                 await turn.played_event.wait()
         heard = turn.heard_text(turn.played)
         try:  # the LLM stage's memory keeps only this of the reply
-            await self.publish_through_outage(self.keys.queue("llm"), Heard(
+            await self.publish_through_outage(self.keys.job_queue("llm", self.session_id), Heard(
                 session_id=self.session_id, turn_id=turn_id, user_id=self.user_id,
                 text=heard, played_samples=turn.played, sent_samples=turn.sent_samples,
                 traceparent=turn.traceparent))

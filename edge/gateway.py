@@ -82,7 +82,7 @@ class Gateway:
 
     def __init__(self, config: Config, redis_url: str) -> None:
         self.config = config
-        self.keys = Keys(config.redis.key_prefix)
+        self.keys = Keys.of(config.redis)
         self.redis = connect(redis_url)
         self.reader = connect(redis_url, blocking_ms=OUT_BLOCK_MS)
         self.control_reader = connect(redis_url, blocking_ms=1000)

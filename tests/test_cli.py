@@ -108,6 +108,12 @@ def test_status_shows_streams_groups_pending_and_dead_letters(
             session_id="s1", turn_id=f"t{i}", sample_rate=16000, speech_start_ms=0,
             speech_end_ms=1, decided_ms=1))
     sync_redis.xreadgroup("asr", "worker-a", {queue: ">"}, count=3)
+    shard = keys.queue("asr", 1)  # redis.queue_shards > 1: a row per shard, its own lag
+    sync_redis.xgroup_create(shard, "asr", id="0", mkstream=True)
+    for i in range(2):
+        publish(sync_redis, shard, TurnEnded(
+            session_id="s9", turn_id=f"t{i}", sample_rate=16000, speech_start_ms=0,
+            speech_end_ms=1, decided_ms=1))
     sync_redis.xadd(keys.audio("s1"), {FIELD: b"x"})
     sync_redis.xadd(keys.audio("s2"), {FIELD: b"x"})
     sync_redis.xgroup_create(keys.sessions(), "vad", id="0", mkstream=True)
@@ -120,7 +126,12 @@ def test_status_shows_streams_groups_pending_and_dead_letters(
     text = voicebus("status", env=env).stdout
     queue_line = next(line for line in text.splitlines() if line.startswith(queue))
     assert "90" in queue_line and "90%!" in queue_line  # length, fill above the alert mark
-    assert "asr" in queue_line and " 3 " in queue_line  # group with 3 pending
+    # Redis >= 7 tells a group's lag (entries not yet delivered); 6.2 cannot ("-").
+    has_lag = int(str(sync_redis.info("server")["redis_version"]).split(".")[0]) >= 7
+    lag, shard_lag = ("87", "2") if has_lag else ("-", "-")
+    assert queue_line.split()[3:7] == ["asr", "1", lag, "3"]  # group, consumers, lag, pending
+    shard_line = next(line for line in text.splitlines() if line.startswith(shard))
+    assert shard_line.split()[3:6] == ["asr", "0", shard_lag]
     assert "(2 sessions)" in text  # per-session audio streams folded into one line
     assert "dead letters: 1" in text and "bad bytes" in text
     assert f"ALERT: above 80% of high-water mark: {queue}" in text
@@ -130,6 +141,9 @@ def test_status_shows_streams_groups_pending_and_dead_letters(
     assert stream["alert"] and stream["length"] == 90 and stream["high_water"] == 100
     group = stream["groups"][0]
     assert group["pending"] == 3 and group["consumer_names"] == ["worker-a"]
+    assert group["lag"] == (87 if has_lag else None)
+    shard_group = next(s for s in data["streams"] if s["key"] == shard)["groups"][0]
+    assert shard_group["lag"] == (2 if has_lag else None)
     assert group["oldest_pending_age_s"] >= 0
     assert data["dead_letters"] == 1
 

@@ -359,3 +359,51 @@ def test_a_frozen_worker_that_wakes_up_cannot_write_for_a_job_a_peer_took(
     out = read_all(sync_redis, keys.out("s3"))
     assert len(out) == 1 and "(late)" not in out[0].text, [e.text for e in out]
     assert not pending(sync_redis, queue, "asr")
+
+
+def test_a_sharded_queue_keeps_each_sessions_jobs_on_one_shard_and_all_get_done(
+        workers, prefix, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    """``redis.queue_shards``: a session's jobs always go to one shard, workers read
+    every shard, a job on any shard is taken over from a killed worker, and a worker
+    never runs more jobs at once than its concurrency however many shards it reads."""
+    keys = Keys(prefix, queue_shards=3)
+    sessions = [f"s{i}" for i in range(12)]
+    shard_of = {s: keys.job_queue("asr", s) for s in sessions}
+    assert shard_of == {s: Keys(prefix, queue_shards=3).job_queue("asr", s) for s in sessions}
+    assert set(shard_of.values()) == set(keys.queues("asr"))  # 12 sessions reach all 3
+    assert keys.queues("asr")[0] == keys.queue("asr")  # shard 0 keeps the unsharded name
+    assert all(keys.kind(q) == "queue" for q in keys.queues("asr"))
+
+    env = {"TEST_QUEUE_SHARDS": "3", "TEST_CONCURRENCY": "1", "TEST_STAGE_DELAY": "0.4"}
+    first = workers.start("slow-asr", **env)
+    started = time.monotonic()
+    for s in sessions[:6]:
+        publish(sync_redis, shard_of[s], turn(s, "t1"))
+    wait_for(lambda: all(read_all(sync_redis, keys.out(s)) for s in sessions[:6]),
+             timeout=30, what="6 jobs on 3 shards")
+    # One at a time: 6 jobs x 0.4 s (three shard readers fetch, one slot handles).
+    assert time.monotonic() - started >= 6 * 0.4 - 0.05
+    first.send_signal(signal.SIGTERM)
+    first.wait()
+
+    # A worker killed mid-job on a shard other than 0: a peer finishes the job, once.
+    session = next(s for s in sessions[6:] if shard_of[s] != keys.queue("asr"))
+    queue = shard_of[session]
+    slow = {**env, "TEST_STAGE_DELAY": "2.0"}
+    victim = workers.start("slow-asr", **slow)
+    publish(sync_redis, queue, turn(session, "t1"))
+    holder = wait_for(lambda: pending(sync_redis, queue, "asr"), what="the job taken")[0]
+    assert str(victim.pid) in holder["consumer"].decode()
+    peer = workers.start("slow-asr", **slow)
+    wait_for(lambda: any(str(peer.pid) in c["name"].decode()
+                         for c in sync_redis.xinfo_consumers(queue, "asr")),
+             what="the peer reading the shard")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    out = wait_for(lambda: read_all(sync_redis, keys.out(session)), timeout=30,
+                   what="the job done")
+    assert str(peer.pid) in out[0].text
+    time.sleep(0.5)  # room for a duplicate to show up, if there were one
+    assert len(read_all(sync_redis, keys.out(session))) == 1
+    for q in keys.queues("asr"):
+        wait_for(lambda q=q: not pending(sync_redis, q, "asr"), what=f"acks on {q}")

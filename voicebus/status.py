@@ -31,6 +31,9 @@ class GroupStatus:
     oldest_pending_age_s: float | None  # since the entry was added
     oldest_pending_idle_s: float | None  # since it was last delivered
     consumer_names: list[str] = field(default_factory=list)
+    # Entries not yet delivered to the group (Redis 7's XINFO lag; None where Redis
+    # cannot tell, e.g. after entries were deleted mid-stream): what KEDA scales on.
+    lag: int | None = None
 
 
 @dataclass
@@ -85,7 +88,9 @@ async def _group(r: aioredis.Redis, stream: str, info: dict[Any, Any]) -> GroupS
         age = max(0.0, time.time() - _id_ms(oldest) / 1000)
         rows = await r.xpending_range(stream, name, min=oldest, max=oldest, count=1)
         idle = int(rows[0]["time_since_delivered"]) / 1000 if rows else None
-    return GroupStatus(name, int(info["consumers"]), pending, age, idle, names)
+    lag = info.get("lag")
+    return GroupStatus(name, int(info["consumers"]), pending, age, idle, names,
+                       None if lag is None else int(lag))
 
 
 async def collect(r: aioredis.Redis, keys: Keys, maxlen: dict[str, int]) -> Report:
@@ -126,7 +131,7 @@ def render(report: Report, *, per_session: bool = False) -> str:
     """A table; per-session streams are folded into one line per kind unless asked."""
     lines = [f"voicebus bus status (prefix {report.prefix!r})", ""]
     header = f"{'stream':<34} {'length':>8} {'fill':>6} {'group':<8} {'cons':>4} " \
-             f"{'pending':>7} {'oldest':>7} {'idle':>7}"
+             f"{'lag':>6} {'pending':>7} {'oldest':>7} {'idle':>7}"
     lines += [header, "-" * len(header)]
     shared = [s for s in report.streams if s.kind not in ("audio", "out") or per_session]
     folded = [s for s in report.streams if s not in shared]
@@ -145,6 +150,7 @@ def render(report: Report, *, per_session: bool = False) -> str:
             oldest_pending_age_s=max((g.oldest_pending_age_s or 0 for g in groups), default=None),
             oldest_pending_idle_s=max((g.oldest_pending_idle_s or 0 for g in groups),
                                       default=None),
+            lag=sum(g.lag or 0 for g in groups),
         )
         label = f"{report.prefix}:{{*}}:{kind} ({len(of_kind)} sessions)"
         lines += _stream_lines(label, sum(s.length for s in of_kind), worst.fill, worst.alert,
@@ -173,6 +179,7 @@ def _stream_lines(label: str, length: int, fill: float, alert: bool,
     out = []
     for i, g in enumerate(groups):
         prefix = head if i == 0 else " " * len(head)
-        out.append(f"{prefix} {g.name:<8} {g.consumers:>4} {g.pending:>7} "
+        lag = "-" if g.lag is None else str(g.lag)
+        out.append(f"{prefix} {g.name:<8} {g.consumers:>4} {lag:>6} {g.pending:>7} "
                    f"{_age(g.oldest_pending_age_s):>7} {_age(g.oldest_pending_idle_s):>7}")
     return out

@@ -58,7 +58,7 @@ class AsrStage:
             log.info("turn cancelled during ASR; no transcript")
             return
         yield Emit(ctx.keys.out(event.session_id), transcript)
-        yield Emit(ctx.keys.queue("llm"), transcript)
+        yield Emit(ctx.keys.job_queue("llm", event.session_id), transcript)
 
     # -- final turns ---------------------------------------------------------
     async def _final(self, event: TurnEnded, ctx: Context) -> Transcript | None:

@@ -21,6 +21,7 @@ from pydantic import (
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 # Tiny caps make approximate XADD trimming thrash and drop entries still being worked on.
 MaxLen = Annotated[int, Field(ge=100)]
+SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 class _Section(BaseModel):
@@ -68,9 +69,7 @@ class QualityGatingConfig(_Section):
     # Fraction of a window's power above the tracked noise floor, (E - N) / E; windows
     # below it do not count as speech (0.3 is ~1.5 dB above the floor).
     min_snr: Probability = 0.3
-    # RMS amplitude of the noise floor (fraction of full scale) above which the
-    # input is too noisy to use and is ignored.
-    max_noise_level: Probability = 0.5
+    max_noise_level: Probability = 0.5  # noise floor RMS (of full scale): above, input is ignored
 
 
 class EndpointingConfig(_Section):
@@ -295,13 +294,14 @@ class RedisConfig(_Section):
     max_event_bytes: Annotated[int, Field(ge=1024)] = 4194304
     consumer_gc_idle_s: PositiveFloat = 600.0  # idle consumers with nothing pending are deleted
     session_ttl_s: PositiveInt = 3600
+    queue_shards: PositiveInt = 1  # streams per job stage, a session's jobs on one (Keys.job_queue)
     maxlen: MaxLenConfig = Field(default_factory=MaxLenConfig)
 
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if v is not None and not v.startswith(SCHEMES):
+            raise ValueError("must start with " + ", ".join(SCHEMES))
         return v
 
 

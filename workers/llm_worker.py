@@ -265,7 +265,7 @@ def _chunk(ctx: Context, event: Transcript, seq: int, text: str, *, last: bool,
     # The out stream first: it is the record of what was said that a worker taking the
     # turn over goes by (``workers.llm.resume``), so the TTS never gets a chunk it lacks.
     yield Emit(ctx.keys.out(event.session_id), chunk)
-    yield Emit(ctx.keys.queue("tts"), chunk)
+    yield Emit(ctx.keys.job_queue("tts", event.session_id), chunk)
 
 
 def build(config: Config) -> JobStage:

@@ -292,12 +292,12 @@ class HybridVad:
             if self.detector.use_text:
                 self.guess = (self.turn_id, end,
                               time.monotonic() + self.config.vad.endpointing.text_wait)
-            yield Emit(ctx.keys.queue("asr"), turn)
+            yield Emit(ctx.keys.job_queue("asr", self.session_id), turn)
             return
         # The out stream first: the gateway learns the turn is tentative before any
         # of its reply can reach it.
         yield Emit(ctx.keys.out(self.session_id), _without_audio(turn))
-        yield Emit(ctx.keys.queue("asr"), turn)
+        yield Emit(ctx.keys.job_queue("asr", self.session_id), turn)
         self._record_span(end)
         await ctx.bus.redis.set(ctx.keys.active_turn(self.session_id), self.turn_id,
                                 ex=ACTIVE_TURN_TTL_S)

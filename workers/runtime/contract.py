@@ -119,7 +119,8 @@ Handler = Callable[[Event, Context], AsyncIterator[Emit]]
 
 @dataclass(frozen=True)
 class JobStage:
-    """A work-queue stage: ``handle`` is called for every event on ``keys.queue(name)``."""
+    """A work-queue stage: ``handle`` is called for every event on its queue's
+    shards (``keys.queues(name)``)."""
 
     name: str
     handle: Handler

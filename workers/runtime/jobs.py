@@ -1,4 +1,10 @@
-"""``JobWorker``: a work-queue consumer, any free worker takes the next job."""
+"""``JobWorker``: a work-queue consumer, any free worker takes the next job.
+
+A stage's queue may be sharded (``redis.queue_shards``): a session's jobs always go
+to one shard (``Keys.job_queue``), so they keep their order, and each worker reads
+every shard. On a Redis Cluster the shards are different keys on different slots,
+so one stage's traffic is not one hot key on one master.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from workers.runtime.bus import as_str, read_group
 from workers.runtime.contract import JobStage, RuntimeSettings
@@ -14,6 +21,8 @@ from workers.runtime.retry import Stopping
 from workers.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
+
+InFlight = tuple[str, str]  # (shard stream, entry id): ids are unique per stream only
 
 
 class JobWorker(Worker):
@@ -24,27 +33,37 @@ class JobWorker(Worker):
         super().__init__(stage.name, settings, consumer)
         self.span_name = span
         self.stage = stage
-        self.queue = self.keys.queue(stage.name)
-        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self.queues = self.keys.queues(stage.name)
+        self.capacity = stage.concurrency or settings.worker.concurrency
+        self._in_flight: dict[InFlight, asyncio.Task[None]] = {}
+        # Each shard's reader fetches up to the free capacity, so with several shards a
+        # worker can hold a few more jobs than it handles at once: those wait here for a
+        # slot (their leases are kept) rather than run past the stage's concurrency.
+        self._slots = asyncio.Semaphore(self.capacity)
         self._slot_free = asyncio.Event()
 
     def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
-        return {"read": self._read_loop, "lease": self._lease_loop,
-                "reclaim": self._reclaim_loop, **super().loops()}
+        per_shard: dict[str, Callable[[], Awaitable[None]]] = {}
+        for queue in self.queues:
+            per_shard[f"read {queue}"] = partial(self._read_loop, queue)
+            per_shard[f"lease {queue}"] = partial(self._lease_loop, queue)
+            per_shard[f"reclaim {queue}"] = partial(self._reclaim_loop, queue)
+        return {**per_shard, **super().loops()}
 
     def streams_to_tidy(self) -> list[str]:
-        return [self.queue]
+        return list(self.queues)
 
     async def ensure_groups(self) -> None:
-        await self.bus.ensure_group(self.queue, self.group)
-        # Visible to `voicebus status` at once, not only after its first job.
-        await self.redis.xgroup_createconsumer(self.queue, self.group, self.consumer)
+        for queue in self.queues:
+            await self.bus.ensure_group(queue, self.group)
+            # Visible to `voicebus status` at once, not only after its first job.
+            await self.redis.xgroup_createconsumer(queue, self.group, self.consumer)
 
     @property
     def free(self) -> int:
-        return (self.stage.concurrency or self.settings.worker.concurrency) - len(self._in_flight)
+        return self.capacity - len(self._in_flight)
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, queue: str) -> None:
         await self.ensure_groups()
         await self.alive.wait()  # peers must see our heartbeat before we hold anything
         while not self.stopping.is_set():
@@ -53,50 +72,55 @@ class JobWorker(Worker):
                 await self._slot_free.wait()
                 continue
             replies = await read_group(self.reader, self.group, self.consumer,
-                                       {self.queue: ">"}, self.free, self.settings.redis.block_ms)
+                                       {queue: ">"}, self.free, self.settings.redis.block_ms)
             self._note_up()
             for _stream, entries in replies:
                 for entry_id, fields in entries:
-                    self._start(entry_id, fields, 1)
+                    self._start(queue, entry_id, fields, 1)
 
-    def _start(self, entry_id: str, fields: dict[bytes, bytes] | None, deliveries: int) -> None:
-        if entry_id in self._in_flight:
+    def _start(self, queue: str, entry_id: str, fields: dict[bytes, bytes] | None,
+               deliveries: int) -> None:
+        if (queue, entry_id) in self._in_flight:
             return
-        task = asyncio.create_task(self._process(entry_id, fields, deliveries))
-        self._in_flight[entry_id] = task
+        task = asyncio.create_task(self._process(queue, entry_id, fields, deliveries))
+        self._in_flight[queue, entry_id] = task
 
-    async def _process(self, entry_id: str, fields: dict[bytes, bytes] | None,
+    async def _process(self, queue: str, entry_id: str, fields: dict[bytes, bytes] | None,
                        deliveries: int) -> None:
         try:
-            outcome, _ = await self.handle_entry(
-                self.queue, entry_id, fields, deliveries, self.stage.handle, self.stage.accepts)
+            async with self._slots:
+                outcome, _ = await self.handle_entry(
+                    queue, entry_id, fields, deliveries, self.stage.handle, self.stage.accepts)
             if outcome not in ("acked", "lost"):
                 emitted = [entry_id] if outcome == "emitted" else []
-                await self.io(lambda: self.bus.ack(self.queue, self.group, [entry_id], emitted))
+                await self.io(lambda: self.bus.ack(queue, self.group, [entry_id], emitted))
         except (asyncio.CancelledError, Stopping):
             self.stats["left_pending"] += 1
         except Exception:  # a bug in the runtime itself: keep serving, the entry stays pending
             log.exception("%s: unexpected error on %s", self.consumer, entry_id)
         finally:
-            self._in_flight.pop(entry_id, None)
+            self._in_flight.pop((queue, entry_id), None)
             self._slot_free.set()
 
-    async def _lease_loop(self) -> None:
+    def _held(self, queue: str) -> list[str]:
+        return [entry_id for shard, entry_id in self._in_flight if shard == queue]
+
+    async def _lease_loop(self, queue: str) -> None:
         """Renew our claim on in-flight entries so peers do not take them (also while
         draining on shutdown, until cancelled)."""
         while True:
             await asyncio.sleep(self.settings.redis.claim_idle_ms / 3000)
-            ids = list(self._in_flight)
-            kept = await self.leases.renew(self.queue, self.group, self.consumer, ids)
+            ids = self._held(queue)
+            kept = await self.leases.renew(queue, self.group, self.consumer, ids)
             for entry_id in set(ids) - kept:
-                task = self._in_flight.get(entry_id)
+                task = self._in_flight.get((queue, entry_id))
                 if task is not None and not task.done():
                     self.stats["lost_leases"] += 1
                     log.warning("%s: lost the lease on %s to a peer; abandoning it",
                                 self.consumer, entry_id)
                     task.cancel()
 
-    async def _reclaim_loop(self) -> None:
+    async def _reclaim_loop(self, queue: str) -> None:
         """Take over entries left pending by consumers that died: at once when their
         heartbeat is gone, else (a consumer alive but stuck) after ``claim_idle_ms``."""
         await self.ensure_groups()
@@ -105,18 +129,19 @@ class JobWorker(Worker):
             await self.sleep(self.settings.worker.liveness_ms / 5000 * random.uniform(0.8, 1.2))
             if self.free <= 0 or self.stopping.is_set():
                 continue
-            found = await self.claim_from_dead(self.queue, self.free)
+            found = await self.claim_from_dead(queue, self.free)
             if not found and time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self.settings.redis.claim_idle_ms / 2000
                 reply = await self.leases.redis.xautoclaim(
-                    self.queue, self.group, self.consumer, self.settings.redis.claim_idle_ms,
+                    queue, self.group, self.consumer, self.settings.redis.claim_idle_ms,
                     start_id=cursor, count=self.free)
                 cursor, found = as_str(reply[0]), reply[1]
-            claimed = [e for e in found if e is None or as_str(e[0]) not in self._in_flight]
-            for entry_id, fields, deliveries in await self.pending_deliveries(self.queue, claimed):
+            held = set(self._held(queue))
+            claimed = [e for e in found if e is None or as_str(e[0]) not in held]
+            for entry_id, fields, deliveries in await self.pending_deliveries(queue, claimed):
                 self.stats["reclaimed"] += 1
                 log.info("%s: reclaimed %s (delivery %d)", self.consumer, entry_id, deliveries)
-                self._start(entry_id, fields, deliveries)
+                self._start(queue, entry_id, fields, deliveries)
 
     async def drain(self) -> None:
         while self._in_flight:
@@ -126,4 +151,5 @@ class JobWorker(Worker):
         for task in list(self._in_flight.values()):
             task.cancel()
         await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
-        await self.remove_own_consumer(self.queue)
+        for queue in self.queues:
+            await self.remove_own_consumer(queue)

@@ -7,8 +7,12 @@ deployments (or tests) can share one Redis.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from workers.config import RedisConfig
 
 StreamKind = Literal["audio", "queue", "out", "control", "sessions", "dead_letter"]
 
@@ -16,6 +20,11 @@ StreamKind = Literal["audio", "queue", "out", "control", "sessions", "dead_lette
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = "vb"
+    queue_shards: int = 1  # streams per job stage's queue (``redis.queue_shards``)
+
+    @classmethod
+    def of(cls, redis: RedisConfig) -> Keys:
+        return cls(redis.key_prefix, redis.queue_shards)
 
     # -- streams --------------------------------------------------------
     def sessions(self) -> str:
@@ -30,9 +39,19 @@ class Keys:
         """What goes back to the session's device (audio chunks, transcripts...)."""
         return f"{self.prefix}:{{{session_id}}}:out"
 
-    def queue(self, stage: str) -> str:
-        """The work queue of a job stage."""
-        return f"{self.prefix}:q:{stage}"
+    def queue(self, stage: str, shard: int = 0) -> str:
+        """Shard ``shard`` of a job stage's work queue. Shard 0 keeps the unsharded name,
+        so a deployment that adds shards keeps its backlog where its workers read."""
+        return f"{self.prefix}:q:{stage}" + (f":{shard}" if shard else "")
+
+    def queues(self, stage: str) -> list[str]:
+        """Every shard of a job stage's queue (what its workers read)."""
+        return [self.queue(stage, shard) for shard in range(self.queue_shards)]
+
+    def job_queue(self, stage: str, session_id: str) -> str:
+        """The shard a session's jobs for ``stage`` go to: always the same one, so they
+        keep their order. A stable hash (CRC-32), not Python's per-process salted one."""
+        return self.queue(stage, zlib.crc32(session_id.encode()) % self.queue_shards)
 
     def control(self) -> str:
         """The control lane: cancels never wait behind audio or jobs."""
@@ -124,8 +143,10 @@ class Keys:
             return "control"
         if rest == "dead":
             return "dead_letter"
-        if rest.startswith("q:") and ":" not in rest[2:]:
-            return "queue"
+        if rest.startswith("q:"):
+            stage, _, shard = rest[2:].partition(":")
+            if stage and (not shard or shard.isdigit()):
+                return "queue"
         if rest.startswith("{") and "}:" in rest:
             suffix = rest.rsplit("}:", 1)[1]
             if suffix == "audio":

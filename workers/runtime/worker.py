@@ -66,7 +66,7 @@ class Worker:
         self.span_name: str | None = None
         self.settings = settings
         self.consumer = consumer or consumer_name(name)
-        self.keys = Keys(settings.redis.key_prefix)
+        self.keys = Keys.of(settings.redis)
         self.redis = connect(settings.url)
         self.reader = connect(settings.url, blocking_ms=settings.redis.block_ms)
         self._control_reader = connect(settings.url, blocking_ms=settings.redis.block_ms)

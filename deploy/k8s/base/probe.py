@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         if not ok:
             print(f"probe: nothing listens on port {config.gateway.port}", file=sys.stderr)
         return 0 if ok else 1
-    keys = Keys(config.redis.key_prefix)
+    keys = Keys.of(config.redis)
     found = live_consumers(client, keys, stage, socket.gethostname())
     if not found:
         print(f"probe: no live consumer of this pod in group {stage} of "
