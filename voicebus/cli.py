@@ -184,7 +184,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     async def once() -> str:
         client = connect(config.redis.url or "")
         try:
-            report = await collect(client, Keys(config.redis.key_prefix),
+            report = await collect(client, Keys.of(config.redis),
                                    config.redis.maxlen.model_dump())
         finally:
             await client.aclose()
