@@ -320,7 +320,7 @@ class Probe:
         dead-lettered (the out stream and the control lane have no group)."""
         streams = [self.key("sessions"), self.key("control"),
                    *(self.key("q", s) for s in JOB_QUEUES),
-                   f"{self.prefix}:{{{session_id}}}:audio", f"{self.prefix}:{{{session_id}}}:out"]
+                   Keys(self.prefix).audio(session_id), Keys(self.prefix).out(session_id)]
         return {s: as_str(self.redis.xadd(s, {FIELD: POISON})) for s in streams}
 
     def dead_lettered(self) -> set[tuple[str, str]]:
@@ -331,7 +331,7 @@ class Probe:
         """Per turn: bytes of its distinct audio parts on the out stream (the longest of
         two versions of one part, as a redone TTS job may write)."""
         longest: dict[tuple[str, int, int], int] = {}
-        stream = f"{self.prefix}:{{{session_id}}}:out"
+        stream = Keys(self.prefix).out(session_id)
         for event in self.decoded(stream):
             if isinstance(event, AudioChunk):
                 key = (event.turn_id, event.seq, event.part)

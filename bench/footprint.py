@@ -42,7 +42,7 @@ from workers.config_load import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_EVERY_S = 0.5
-SESSION_KEY = re.compile(r"^[^:]+:\{([^}]+)\}:")  # vb:{session}:audio -> session
+SESSION_KEY = re.compile(r"^[^:]+:\{s\d+\}:([^:]+):")  # vb:{s7}:session:audio -> session
 USER_KEY = re.compile(r"^[^:]+:user:\{([^}]+)\}:")  # vb:user:{user}:messages -> user
 
 

@@ -1,6 +1,9 @@
 """The gateway's view of the bus: one task tails the out streams of every session of
 this process in a single ``XREAD`` and hands each event to its session's inbox;
-another tails the cancel lane. Both reconnect with the runtime's back-off."""
+another tails the cancel lane. Both reconnect with the runtime's back-off.
+
+On a Redis Cluster one read may only name keys of one slot: there, one task per
+session bucket with sessions here (``workers.runtime.keys.SESSION_BUCKETS``)."""
 
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from schemas import Event, SchemaError, decode
-from workers.runtime.bus import FIELD, read
+from workers.runtime.bus import FIELD, is_cluster, read
 from workers.runtime.cancel import CancelLane
+from workers.runtime.keys import slot_tag
 from workers.runtime.retry import Backoff
 
 log = logging.getLogger("voicebus.gateway")
@@ -31,24 +35,40 @@ class BusTap:
         self.stop = stop
         self.positions: dict[str, str] = {}  # out stream -> last id read
         self.deliver: dict[str, Callable[[Event], None]] = {}  # out stream -> its session
+        self._readers: dict[str, asyncio.Task[None]] = {}  # on a cluster: hash tag -> reader
 
     def follow(self, stream: str, deliver: Callable[[Event], None]) -> None:
         self.positions[stream] = "0-0"
         self.deliver[stream] = deliver
+        tag = slot_tag(stream)
+        if is_cluster(self.reader) and tag not in self._readers:
+            self._readers[tag] = asyncio.create_task(self.read_out_streams(tag))
 
     def unfollow(self, stream: str) -> None:
         self.positions.pop(stream, None)
         self.deliver.pop(stream, None)
 
-    async def read_out_streams(self) -> None:
-        """One XREAD for the out streams of every session here; events to their session."""
+    async def read_out_streams(self, tag: str | None = None) -> None:
+        """One XREAD for the out streams of every session here (of one hash tag, on a
+        cluster: that loop ends with the tag's last session); events to their session."""
+        if tag is None and is_cluster(self.reader):  # the readers per tag do the work
+            await self.stop.wait()
+            for task in self._readers.values():
+                task.cancel()
+            await asyncio.gather(*self._readers.values(), return_exceptions=True)
+            return
         backoff = Backoff(first=0.1)
         while not self.stop.is_set():
-            if not self.positions:
+            positions = {s: p for s, p in self.positions.items()
+                         if tag is None or slot_tag(s) == tag}
+            if not positions:
+                if tag is not None:
+                    self._readers.pop(tag, None)
+                    return
                 await asyncio.sleep(OUT_BLOCK_MS / 1000)
                 continue
             try:
-                replies = await read(self.reader, dict(self.positions), 256, OUT_BLOCK_MS)
+                replies = await read(self.reader, positions, 256, OUT_BLOCK_MS)
                 backoff.reset()
             except (RedisError, OSError) as exc:
                 delay = backoff.next()

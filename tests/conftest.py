@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from voicebus.redis_server import EmbeddedRedis
+from workers.runtime.bus import connect_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,16 +94,17 @@ def prefix(redis_url: str) -> Iterator[str]:
     """A key prefix no other test uses; its keys are deleted afterwards."""
     value = f"t{uuid.uuid4().hex[:10]}"
     yield value
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{value}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    client = connect_sync(redis_url)
+    pipe = client.pipeline(transaction=False)  # on a cluster: a key's DEL to its master
+    for key in client.scan_iter(f"{value}:*", count=1000):
+        pipe.delete(key)
+    pipe.execute()
     client.close()
 
 
 @pytest.fixture
 def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    client = connect_sync(redis_url)
     yield client
     client.close()
 

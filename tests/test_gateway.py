@@ -434,7 +434,8 @@ async def test_disconnect_leaves_nothing_behind(gateway: Gateway,
     assert await client.hget(gateway.keys.cancelled(sid), "t9") is not None
     audio = [decode(f[FIELD]) for _i, f in await client.xrange(gateway.keys.audio(sid))]
     assert isinstance(audio[-1], SessionEnded)
-    keys = [k async for k in client.scan_iter(f"{gateway.keys.prefix}:{{{sid}}}*")]
+    session_keys = gateway.keys.audio(sid).removesuffix("audio") + "*"
+    keys = [k async for k in client.scan_iter(session_keys)]
     assert keys, "the session had keys"
     for key in keys:
         ttl = await client.ttl(key)

@@ -28,7 +28,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from redis import Redis
 from redis.exceptions import RedisError
 
 from voicebus import processes
@@ -36,6 +35,7 @@ from voicebus.local_llm import LocalLlmServer, needs_local_server
 from voicebus.redis_server import EmbeddedRedis
 from workers import stages
 from workers.config import LlmConfig
+from workers.runtime.bus import connect_sync
 from workers.runtime.keys import Keys
 
 log = logging.getLogger("voicebus.up")
@@ -259,7 +259,7 @@ class Supervisor(processes.ChildServer):
         if owner is None:
             return
         prefix, consumer = owner
-        with contextlib.suppress(RedisError, OSError), Redis.from_url(self.url) as client:
+        with contextlib.suppress(RedisError, OSError), connect_sync(self.url) as client:
             client.delete(Keys(prefix).alive(consumer))
 
     def _say(self, who: str, text: str) -> None:

@@ -24,13 +24,15 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from schemas import DeadLetter, Event, SchemaError, decode, encode
-from workers.runtime.keys import Keys, StreamKind
+from workers.runtime.keys import Keys, StreamKind, slot_tag
 
 FIELD = b"e"  # the one field of every entry: the encoded event
 
@@ -45,17 +47,28 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: dedup hash, output stream, input stream; ARGV: ordinal, maxlen, payload, dedup
-# TTL ms, session stream TTL ms, group, input entry id, consumer.
-# Fencing: the output is written only while the input entry is still pending to the
-# writer (returns 0 otherwise): a worker frozen past its lease, whose entry a peer took
-# over (and maybe acked), cannot write its outputs again when it wakes up.
+# KEYS: dedup hash, output stream[, input stream]; ARGV: ordinal, maxlen, payload, dedup
+# TTL ms, session stream TTL ms, group, input entry id, consumer, delivery.
+# Fencing, so that a worker frozen past its lease, whose entry a peer took over (and
+# maybe acked), cannot write its outputs again when it wakes up (returns 0 then):
+# * with the input stream (one Redis: every key is on it) the output is written only
+#   while the input entry is still pending to the writer;
+# * on a cluster the input is on another slot, so the dedup hash (on the output's slot)
+#   keeps the highest delivery that wrote there ('f'): each takeover is a later
+#   delivery, and an earlier one may write no more. The runtime also checks the entry
+#   is still its own before writing after any stall (``Worker._still_ours``).
 # ARGV[5] > 0: the output stream belongs to a session; if this write created it, it
 # expires in ARGV[5] ms (longer than a session lives), so no event for a session that
 # never existed, or one whose teardown was missed, leaves a stream forever.
 _EMIT = """
-local p = redis.call('XPENDING', KEYS[3], ARGV[6], ARGV[7], ARGV[7], 1)
-if not p[1] or p[1][2] ~= ARGV[8] then return 0 end
+if KEYS[3] then
+  local p = redis.call('XPENDING', KEYS[3], ARGV[6], ARGV[7], ARGV[7], 1)
+  if not p[1] or p[1][2] ~= ARGV[8] then return 0 end
+end
+local fence = tonumber(redis.call('HGET', KEYS[1], 'f') or '0')
+local delivery = tonumber(ARGV[9])
+if delivery < fence then return 0 end
+if delivery > fence then redis.call('HSET', KEYS[1], 'f', delivery) end
 if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return false end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
@@ -78,17 +91,19 @@ end
 return 0
 """
 
-# KEYS[1] = stream, KEYS[2..] = dedup hashes; ARGV[1] = group, ARGV[2..] = ids
+# One Redis only. KEYS[1] = stream, KEYS[2..] = dedup hashes; ARGV[1] = group,
+# ARGV[2..] = ids
 _ACK = """
 local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
 if #KEYS > 1 then redis.call('DEL', unpack(KEYS, 2)) end
 return n
 """
 
-# KEYS: stream, dead-letter stream, dedup hash; ARGV: group, id, maxlen, payload
+# One Redis only. KEYS: stream, dead-letter stream, dedup hashes...; ARGV: group, id,
+# maxlen, payload
 _DEAD_LETTER = """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[4])
-redis.call('DEL', KEYS[3])
+if #KEYS > 2 then redis.call('DEL', unpack(KEYS, 3)) end
 return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 """
 
@@ -106,10 +121,21 @@ return kept
 """
 
 
+# On a cluster, how long an acked entry's dedup hashes stay as its fence (``ack_many``):
+# far longer than any stall between a worker's last ownership check and its write.
+FENCE_AFTER_ACK_MS = 120_000
+
 # Connections one client opens at most. Commands beyond that wait for a free one
 # (a session-affine worker acks hundreds of sessions at once) instead of failing,
 # which would look like an outage.
 MAX_CONNECTIONS = 32
+
+
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
 
 
 def connect(url: str, *, blocking_ms: int = 0) -> aioredis.Redis:
@@ -118,18 +144,53 @@ def connect(url: str, *, blocking_ms: int = 0) -> aioredis.Redis:
     A client used for blocking reads gets a socket timeout longer than the block.
     redis-py drops (never reuses) a connection whose command was cancelled, so a
     cancelled read cannot leave a stray reply for the next command.
+
+    ``redis+cluster://host:port`` (any node) gives a Redis Cluster client. It follows
+    MOVED/ASK and, after a master failover, re-reads the slot map. It has the same
+    command methods, and a ``pool`` per node; it is typed as ``Redis`` here because
+    the runtime uses only what both have (``is_cluster`` tells which one it is).
     """
+    timeouts: dict[str, Any] = {"socket_timeout": 5.0 + blocking_ms / 1000,
+                                "socket_connect_timeout": 2.0}
+    if is_cluster_url(url):
+        cluster = RedisCluster.from_url(
+            url.replace("+cluster", "", 1), max_connections=MAX_CONNECTIONS,
+            decode_responses=False, **timeouts)
+        return cast(aioredis.Redis, cluster)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
         timeout=30,
-        socket_timeout=5.0 + blocking_ms / 1000,
-        socket_connect_timeout=2.0,
         retry=Retry(NoBackoff(), 0),
         decode_responses=False,
         health_check_interval=0,
+        **timeouts,
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def connect_sync(url: str, **options: Any) -> redis.Redis:
+    """A blocking client (probes, the supervisor, tests, benches): a cluster one for
+    ``redis+cluster://``, typed as ``Redis`` as in ``connect``."""
+    if is_cluster_url(url):
+        return cast(redis.Redis, redis.RedisCluster.from_url(
+            url.replace("+cluster", "", 1), **options))
+    return redis.Redis.from_url(url, **options)
+
+
+def is_cluster(client: aioredis.Redis) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def by_slot(client: aioredis.Redis, streams: Mapping[str, str]) -> list[dict[str, str]]:
+    """``streams`` split into what one read may name: all of them on one Redis, one
+    group per hash tag on a cluster (a multi-key command must stay in one slot)."""
+    if not is_cluster(client):
+        return [dict(streams)] if streams else []
+    groups: dict[str, dict[str, str]] = {}
+    for stream, position in streams.items():
+        groups.setdefault(slot_tag(stream), {})[stream] = position
+    return list(groups.values())
 
 
 Entry = tuple[str, dict[bytes, bytes]]
@@ -213,17 +274,28 @@ class Bus:
         )
         return as_str(entry_id)
 
+    @property
+    def cluster(self) -> bool:
+        return is_cluster(self.redis)
+
+    def dedup_key(self, source: str, group: str, entry_id: str, stream: str) -> str:
+        return self.keys.dedup(stream, group, source, entry_id)
+
     async def emit(self, source: str, group: str, consumer: str, entry_id: str,
-                   ordinal: int, stream: str, event: Event) -> str | None:
+                   ordinal: int, stream: str, event: Event, delivery: int = 1) -> str | None:
         """Write output ``ordinal`` of input ``entry_id`` once; None if already written.
 
-        Raises ``LeaseLost`` if the entry is no longer pending to ``consumer``.
+        Raises ``LeaseLost`` if the entry is no longer ``consumer``'s (``_EMIT``).
         """
         in_session = self.keys.kind(stream) in ("out", "audio")
+        keys = [self.dedup_key(source, group, entry_id, stream), stream]
+        if not self.cluster:
+            keys.append(source)
         result = await self._emit(
-            keys=[self.keys.dedup(source, group, entry_id), stream, source],
+            keys=keys,
             args=[ordinal, self.maxlen_for(stream), encode(event), self.dedup_ttl_ms,
-                  self.session_stream_ttl_ms if in_session else 0, group, entry_id, consumer],
+                  self.session_stream_ttl_ms if in_session else 0, group, entry_id, consumer,
+                  delivery],
         )
         if result == 0:
             raise LeaseLost(f"{entry_id} on {source} is no longer {consumer}'s")
@@ -235,28 +307,40 @@ class Bus:
             await self._shorten(keys=list(ttls), args=list(ttls.values()))
 
     async def ack(self, stream: str, group: str, entry_ids: Sequence[str],
-                  emitted: Sequence[str] = ()) -> int:
-        """Ack entries; ``emitted`` are those that wrote outputs (their dedup hashes go)."""
+                  dedup: Sequence[str] = ()) -> int:
+        """Ack entries; ``dedup`` are the dedup hashes their outputs wrote (they go)."""
         if not entry_ids:
             return 0
-        dedup = [self.keys.dedup(stream, group, i) for i in emitted]
+        if self.cluster:
+            await self.ack_many([(stream, group, entry_ids, dedup)])
+            return len(entry_ids)
         return int(await self._ack(keys=[stream, *dedup], args=[group, *entry_ids]))
 
     async def ack_many(self, acks: Sequence[tuple[str, str, Sequence[str], Sequence[str]]]) -> None:
-        """Several ``ack(stream, group, ids, emitted)`` in one pipelined round trip."""
+        """Several ``ack(stream, group, ids, dedup)`` in one pipelined round trip.
+
+        On a cluster the dedup hashes are on their outputs' slots: they are not deleted
+        with the ack but kept for ``FENCE_AFTER_ACK_MS``, since they are also the fence
+        that stops a frozen worker's late write (``_EMIT``)."""
         pipe = self.redis.pipeline(transaction=False)
-        for stream, group, entry_ids, emitted in acks:
-            dedup = [self.keys.dedup(stream, group, i) for i in emitted]
-            await self._ack(keys=[stream, *dedup], args=[group, *entry_ids], client=pipe)
+        for stream, group, entry_ids, dedup in acks:
+            if self.cluster:
+                pipe.xack(stream, group, *entry_ids)
+                for key in dedup:
+                    pipe.pexpire(key, FENCE_AFTER_ACK_MS)
+            else:
+                await self._ack(keys=[stream, *dedup], args=[group, *entry_ids], client=pipe)
         await pipe.execute()
 
     async def dead_letter(self, stream: str, group: str, entry_id: str,
-                          letter: DeadLetter) -> None:
+                          letter: DeadLetter, dedup: Sequence[str] = ()) -> None:
         dead = self.keys.dead_letter()
-        await self._dead(
-            keys=[stream, dead, self.keys.dedup(stream, group, entry_id)],
-            args=[group, entry_id, self.maxlen_for(dead), encode(letter)],
-        )
+        if self.cluster:  # three slots: recorded first, so a crash between can only repeat it
+            await self.publish(dead, letter)
+            await self.ack(stream, group, [entry_id], dedup)
+            return
+        await self._dead(keys=[stream, dead, *dedup],
+                         args=[group, entry_id, self.maxlen_for(dead), encode(letter)])
 
     async def renew(self, stream: str, group: str, consumer: str,
                     entry_ids: Sequence[str]) -> set[str]:
@@ -272,6 +356,12 @@ class Bus:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def holder(self, stream: str, group: str, entry_id: str) -> str | None:
+        """The consumer an entry is pending to, or None (acked, or never delivered)."""
+        rows = await self.redis.xpending_range(stream, group, min=entry_id, max=entry_id,
+                                               count=1)
+        return as_str(cast(bytes, rows[0]["consumer"])) if rows else None
 
     async def deliveries(self, stream: str, group: str, entry_ids: Sequence[str]) -> dict[str, int]:
         """How many times each pending entry has been delivered."""

@@ -82,6 +82,22 @@ async def claim_from(redis: aioredis.Redis, stream: str, group: str, me: str, de
     return list(await redis.xclaim(stream, group, me, min_idle_ms, ids)) if ids else []
 
 
+async def claim_from_dead(redis: aioredis.Redis, keys: Keys, stream: str, group: str, me: str,
+                          count: int, min_idle_ms: int) -> list[Any]:
+    """Take over up to ``count`` pending entries of consumers whose process is gone."""
+    claimed: list[Any] = []
+    for dead in await dead_holders(redis, keys, stream, group, me):
+        if len(claimed) >= count:
+            break
+        taken = await claim_from(redis, stream, group, me, dead, count - len(claimed),
+                                 min_idle_ms)
+        if taken:
+            log.info("%s: %s is gone (no heartbeat): took over %d entries", me, dead,
+                     len(taken))
+        claimed += taken
+    return claimed
+
+
 async def remove_idle_consumers(
     redis: aioredis.Redis, keys: Keys, stream: str, group: str, idle_s: float, keep: str,
     dead_after_ms: int,

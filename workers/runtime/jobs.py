@@ -91,14 +91,15 @@ class JobWorker(Worker):
             async with self._slots:
                 outcome, _ = await self.handle_entry(
                     queue, entry_id, fields, deliveries, self.stage.handle, self.stage.accepts)
+            dedup = self.written_by(queue, entry_id)
             if outcome not in ("acked", "lost"):
-                emitted = [entry_id] if outcome == "emitted" else []
-                await self.io(lambda: self.bus.ack(queue, self.group, [entry_id], emitted))
+                await self.io(lambda: self.bus.ack(queue, self.group, [entry_id], dedup))
         except (asyncio.CancelledError, Stopping):
             self.stats["left_pending"] += 1
         except Exception:  # a bug in the runtime itself: keep serving, the entry stays pending
             log.exception("%s: unexpected error on %s", self.consumer, entry_id)
         finally:
+            self.written.pop((queue, entry_id), None)
             self._in_flight.pop((queue, entry_id), None)
             self._slot_free.set()
 

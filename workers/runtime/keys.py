@@ -1,8 +1,12 @@
 """Names of every Redis key voicebus uses, in one place.
 
-Keys of one session carry a ``{session_id}`` hash tag so that they live in one
-Redis Cluster slot. Every key starts with the configured prefix, so several
-deployments (or tests) can share one Redis.
+Keys of one session carry a hash tag so that they live in one Redis Cluster slot:
+the session's *bucket* (``{s17}``, one of ``SESSION_BUCKETS``), not its id. A worker
+reads the streams of many sessions at once, and on a cluster one read may only
+name keys of one slot; with buckets a worker's blocking reads are bounded by the
+number of buckets, not one connection per session. Keys of one user carry
+``{user_id}``. Every key starts with the configured prefix, so several deployments
+(or tests) can share one Redis.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from workers.config import RedisConfig
+
+# Fixed, not configured: a session's key names must not change while it lives. 32
+# spreads sessions over the masters of a cluster (32 slots) and bounds a worker's
+# concurrent blocking reads on a cluster at 32 + its job shards.
+SESSION_BUCKETS = 32
 
 StreamKind = Literal["audio", "queue", "out", "control", "sessions", "dead_letter"]
 
@@ -26,6 +35,10 @@ class Keys:
     def of(cls, redis: RedisConfig) -> Keys:
         return cls(redis.key_prefix, redis.queue_shards)
 
+    def _session(self, session_id: str, what: str) -> str:
+        bucket = zlib.crc32(session_id.encode()) % SESSION_BUCKETS
+        return f"{self.prefix}:{{s{bucket}}}:{session_id}:{what}"
+
     # -- streams --------------------------------------------------------
     def sessions(self) -> str:
         """Announcements of live sessions; the session-affine stage claims them."""
@@ -33,11 +46,11 @@ class Keys:
 
     def audio(self, session_id: str) -> str:
         """A session's microphone frames, in capture order."""
-        return f"{self.prefix}:{{{session_id}}}:audio"
+        return self._session(session_id, "audio")
 
     def out(self, session_id: str) -> str:
         """What goes back to the session's device (audio chunks, transcripts...)."""
-        return f"{self.prefix}:{{{session_id}}}:out"
+        return self._session(session_id, "out")
 
     def queue(self, stage: str, shard: int = 0) -> str:
         """Shard ``shard`` of a job stage's work queue. Shard 0 keeps the unsharded name,
@@ -63,22 +76,22 @@ class Keys:
     # -- plain keys -----------------------------------------------------
     def cancelled(self, session_id: str) -> str:
         """Hash of the session's cancelled turn ids -> reason."""
-        return f"{self.prefix}:{{{session_id}}}:cancelled"
+        return self._session(session_id, "cancelled")
 
     def active_turn(self, session_id: str) -> str:
         """The agent turn being prepared or played (barge-in cancels it); the gateway
         deletes it when the last audio of the turn has been played."""
-        return f"{self.prefix}:{{{session_id}}}:active_turn"
+        return self._session(session_id, "active_turn")
 
     def audible(self, session_id: str) -> str:
         """``"<turn_id> <wall ns>"``: the agent turn whose first audio the gateway sent to
         the device, and when (speech after that, past a grace time, is a barge-in)."""
-        return f"{self.prefix}:{{{session_id}}}:audible"
+        return self._session(session_id, "audible")
 
     def asr_result(self, session_id: str, turn_id: str, speech_end_ms: int) -> str:
         """A transcript parked between a turn's speculative and final TurnEnded. The
         speech end is part of it: if the user went on, the final audio differs."""
-        return f"{self.prefix}:{{{session_id}}}:asr:{turn_id}:{speech_end_ms}"
+        return self._session(session_id, f"asr:{turn_id}:{speech_end_ms}")
 
     def user_messages(self, user_id: str) -> str:
         """A user's recent conversation (a list), across sessions."""
@@ -125,9 +138,11 @@ class Keys:
         """Present while the consumer's process lives (a heartbeat with a short TTL)."""
         return f"{self.prefix}:alive:{consumer}"
 
-    def dedup(self, stream: str, group: str, entry_id: str) -> str:
-        """Which outputs of one input entry were already written (see runtime)."""
-        return f"{stream}:dedup:{group}:{entry_id}"
+    def dedup(self, output: str, group: str, source: str, entry_id: str) -> str:
+        """Which outputs of one input entry were already written to ``output``'s slot
+        (``workers.runtime.bus``): it carries the output stream's hash tag, so the write
+        script touches one slot on a cluster."""
+        return f"{self.prefix}:dedup:{{{slot_tag(output)}}}:{group}:{source}:{entry_id}"
 
     def pattern(self) -> str:
         return f"{self.prefix}:*"
@@ -148,9 +163,27 @@ class Keys:
             if stage and (not shard or shard.isdigit()):
                 return "queue"
         if rest.startswith("{") and "}:" in rest:
-            suffix = rest.rsplit("}:", 1)[1]
+            suffix = rest.rsplit(":", 1)[1]
             if suffix == "audio":
                 return "audio"
             if suffix == "out":
                 return "out"
         return None
+
+    def session_of(self, key: str) -> str | None:
+        """The session id in one of a session's key names, or None."""
+        rest = key[len(self.prefix) + 1:] if key.startswith(self.prefix + ":") else ""
+        if not rest.startswith("{s") or "}:" not in rest:
+            return None
+        return rest.split("}:", 1)[1].split(":", 1)[0] or None
+
+
+def slot_tag(key: str) -> str:
+    """What Redis Cluster hashes of ``key`` to pick its slot: the first non-empty
+    ``{...}``, else the whole name. Keys with equal tags share a slot."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key

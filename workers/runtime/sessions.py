@@ -20,18 +20,23 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from schemas import Event, SchemaError, SessionEnded, SessionStarted, decode
 from workers.observability.logs import log_context
-from workers.runtime.bus import FIELD, as_str, read_group
+from workers.runtime.ack_batch import AckBatcher
+from workers.runtime.bus import FIELD, as_str, is_cluster, read_group
 from workers.runtime.contract import Context, Emit, RuntimeSettings
+from workers.runtime.handling import IO_ERRORS
+from workers.runtime.keys import slot_tag
 from workers.runtime.retry import Stopping, wait_event
-from workers.runtime.worker import IO_ERRORS, Worker
+from workers.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
 _BACKLOG = 64  # entries queued per session before we stop reading its stream
+BUCKET_BLOCK_MS = 100  # on a cluster, a session bucket's blocking read (see _read_loop)
 
 
 class SessionHandler(Protocol):
@@ -60,50 +65,6 @@ class SessionStage:
     open: Callable[[SessionStarted], SessionHandler]
 
 
-class _AckBatcher:
-    """Coalesces the acks of many sessions into one pipelined round trip.
-
-    With hundreds of sessions each acking its own small batch, per-command client
-    overhead dominated the worker's CPU (bench/bus_latency.py, 100 sessions: hop
-    latency p99 202 ms before, ~10-30 ms after). While one flush is in flight the
-    next acks accumulate, so a busy worker batches more and an idle one adds no
-    delay.
-    """
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self._queue: list[tuple[str, list[str], list[str], asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-
-    async def ack(self, stream: str, entry_ids: list[str], emitted: list[str]) -> None:
-        if not entry_ids:
-            return
-        done = asyncio.get_running_loop().create_future()
-        self._queue.append((stream, entry_ids, emitted, done))
-        self._wake.set()
-        await done
-
-    async def run(self) -> None:
-        group = self.worker.group
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._queue = self._queue, []
-            if not batch:
-                continue
-            acks = [(stream, group, ids, emitted) for stream, ids, emitted, _ in batch]
-            try:
-                await self.worker.io(lambda a=acks: self.worker.bus.ack_many(a))  # type: ignore[misc]
-            except BaseException as exc:
-                for *_, done in batch:
-                    if not done.done():
-                        done.set_exception(exc if isinstance(exc, Exception) else Stopping())
-                raise
-            for *_, done in batch:
-                if not done.done():
-                    done.set_result(None)
-
-
 @dataclass(eq=False)
 class _Owned:
     started: SessionStarted
@@ -116,7 +77,7 @@ class _Owned:
     busy: bool = False  # handling a batch right now
     ended: bool = False
     held: list[str] = field(default_factory=list)  # handled, unacked: keeps_pending
-    held_emitted: list[str] = field(default_factory=list)  # ...those that wrote outputs
+    held_emitted: list[str] = field(default_factory=list)  # ...the dedup hashes they wrote
 
 
 class SessionWorker(Worker):
@@ -130,7 +91,8 @@ class SessionWorker(Worker):
         self._owned: dict[str, _Owned] = {}  # session_id -> state
         self._by_stream: dict[str, _Owned] = {}
         self._wake = asyncio.Event()  # a session's backlog drained
-        self._acks = _AckBatcher(self)
+        self._acks = AckBatcher(self)
+        self._readers: dict[str, asyncio.Task[None]] = {}  # on a cluster: hash tag -> reader
 
     def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
         return {"read": self._read_loop, "heartbeat": self._heartbeat_loop,
@@ -150,23 +112,44 @@ class SessionWorker(Worker):
         return list(self._owned)
 
     # -- reading -----------------------------------------------------------
-    async def _read_loop(self) -> None:
+    def _wanted(self, tag: str | None) -> dict[str, str]:
+        """The streams to read now (of one hash tag's slot, on a cluster): new
+        announcements while there is room, and each session not backlogged."""
+        streams: dict[str, str] = {}
+        if (tag is None or tag == slot_tag(self.announcements)) \
+                and len(self._owned) < self.settings.worker.max_sessions:
+            streams[self.announcements] = ">"
+        for stream, owned in self._by_stream.items():
+            if (tag is None or slot_tag(stream) == tag) and not owned.ended \
+                    and owned.queue.qsize() < _BACKLOG:
+                streams[stream] = ">"
+        return streams
+
+    async def _read_loop(self, tag: str | None = None) -> None:
+        """Read announcements and the owned sessions' audio: on one Redis all in one
+        blocking read; on a cluster (a read names keys of one slot) one loop per hash
+        tag, i.e. per session bucket (``keys.SESSION_BUCKETS``) with sessions here."""
         await self.ensure_groups()
         await self.alive.wait()  # peers must see our heartbeat before we hold anything
+        if tag is None and is_cluster(self.reader):
+            tag = slot_tag(self.announcements)
+        block_ms = self.settings.redis.block_ms
+        if tag is not None and tag != slot_tag(self.announcements):
+            # A session adopted into this bucket joins the read only when the current
+            # one returns: keep that short.
+            block_ms = min(block_ms, BUCKET_BLOCK_MS)
         while not self.stopping.is_set():
-            streams: dict[str, str] = {}
-            if len(self._owned) < self.settings.worker.max_sessions:
-                streams[self.announcements] = ">"
-            for stream, owned in self._by_stream.items():
-                if not owned.ended and owned.queue.qsize() < _BACKLOG:
-                    streams[stream] = ">"
+            streams = self._wanted(tag)
             if not streams:  # full and every session backlogged: wait for one to drain
+                if tag is not None and self._bucket_empty(tag):
+                    self._readers.pop(tag, None)  # no session of ours here any more
+                    return
                 self._wake.clear()
                 await wait_event(self._wake, 1.0)
                 continue
             replies = await read_group(
                 self.reader, self.group, self.consumer, streams,
-                self.settings.worker.read_count, self.settings.redis.block_ms)
+                self.settings.worker.read_count, block_ms)
             self._note_up()
             for stream, entries in replies:
                 if stream == self.announcements:
@@ -177,6 +160,18 @@ class SessionWorker(Worker):
                 for entry in entries:
                     if target is not None:  # else: dropped meanwhile; the entry stays pending
                         target.queue.put_nowait((*entry, 1))
+
+    def _bucket_empty(self, tag: str) -> bool:
+        return tag != slot_tag(self.announcements) and not any(
+            slot_tag(stream) == tag for stream in self._by_stream)
+
+    def _read_bucket(self, stream: str) -> None:
+        """On a cluster: make sure the reader of ``stream``'s bucket runs."""
+        if not is_cluster(self.reader) or (tag := slot_tag(stream)) in self._readers:
+            return
+        self._readers[tag] = asyncio.create_task(
+            self._supervise(f"read {tag}", partial(self._read_loop, tag)),
+            name=f"{self.consumer}:read {tag}")
 
     async def _adopt(self, announce_id: str, fields: dict[bytes, bytes] | None,
                      deliveries: int) -> None:
@@ -223,6 +218,7 @@ class SessionWorker(Worker):
             owned.queue.put_nowait(entry)
         self._owned[sid] = owned
         self._by_stream[stream] = owned
+        self._read_bucket(stream)
         owned.task = asyncio.create_task(self._serve(owned), name=f"{self.consumer}:{sid}")
         self.stats["sessions_adopted"] += 1
         log.info("%s: owns session %s%s", self.consumer, sid,
@@ -248,10 +244,10 @@ class SessionWorker(Worker):
                         break
                     outcome, event = await self.handle_entry(
                         stream, entry_id, fields, deliveries, owned.handler.handle)
+                    written = self.written_by(stream, entry_id)
                     if outcome not in ("acked", "lost"):
                         done.append(entry_id)
-                    if outcome == "emitted":
-                        emitted.append(entry_id)
+                        emitted += written
                     if isinstance(event, SessionEnded):
                         owned.ended = True
                     # A frame that emits nothing never suspends: yield, so a backlog of
@@ -347,6 +343,9 @@ class SessionWorker(Worker):
 
     async def on_stopped(self) -> None:
         """Hand each live session back to the group at once, for a peer to adopt."""
+        for reader in self._readers.values():
+            reader.cancel()
+        await asyncio.gather(*self._readers.values(), return_exceptions=True)
         for owned in list(self._owned.values()):
             if owned.task is not None:
                 owned.task.cancel()

@@ -31,29 +31,20 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from opentelemetry.trace import SpanKind
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from schemas import DeadLetter, Event, SchemaError, TurnEvent, decode
-from workers.observability import metrics, semconv, telemetry
-from workers.observability.logs import log_context
 from workers.runtime import janitor
-from workers.runtime.bus import FIELD, Bus, LeaseLost, as_str, connect, consumer_name
+from workers.runtime.bus import Bus, connect, consumer_name
 from workers.runtime.cancel import CancelLane
-from workers.runtime.contract import Context, Handler, Outcome, RuntimeSettings
+from workers.runtime.contract import RuntimeSettings
+from workers.runtime.handling import IO_ERRORS, EntryHandling
 from workers.runtime.keys import Keys
 from workers.runtime.retry import Backoff, Stopping, wait_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Errors that mean "Redis is not reachable right now": wait and try again.
-IO_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
-
-
-class Worker:
+class Worker(EntryHandling):
     """What both consumption modes share. Subclasses provide the loops."""
 
     # A handler that raises is run again on the same event, up to
@@ -82,6 +73,8 @@ class Worker:
         self._give_up = asyncio.Event()  # set when the grace period is over
         self.alive = asyncio.Event()  # our heartbeat key exists: we may take work
         self._down_since: float | None = None
+        # (input stream, entry id) -> the dedup hashes its outputs were written under.
+        self.written: dict[tuple[str, str], set[str]] = {}
 
     # -- lifecycle -------------------------------------------------------
     def request_stop(self) -> None:
@@ -235,130 +228,6 @@ class Worker:
         """Sleep, but wake at once when stopping."""
         await wait_event(self.stopping, seconds)
 
-    # -- handling one entry ----------------------------------------------
-    async def handle_entry(
-        self, stream: str, entry_id: str, fields: dict[bytes, bytes] | None, deliveries: int,
-        handler: Handler, accepts: tuple[type[Event], ...] = (),
-    ) -> tuple[Outcome, Event | None]:
-        """Decode, check, run the handler with retries, write its outputs.
-
-        Does not ack (callers batch acks), except for entries it dead-letters: those that
-        do not decode and events of a type not in ``accepts`` (when it is not empty).
-        """
-        raw = (fields or {}).get(FIELD, b"")
-        try:
-            event = decode(raw, max_bytes=self.settings.redis.max_event_bytes)
-        except SchemaError as exc:
-            await self.dead_letter(stream, entry_id, raw, str(exc), deliveries)
-            return "acked", None
-        if accepts and not isinstance(event, accepts):
-            takes = ", ".join(sorted(str(t.__struct_config__.tag) for t in accepts))
-            reason = f"the {self.name} stage does not handle {event.type} events (it takes {takes})"
-            await self.dead_letter(stream, entry_id, raw, reason, deliveries, event)
-            return "acked", event
-        if deliveries > self.settings.redis.max_deliveries:
-            reason = (f"delivered {deliveries} times (limit {self.settings.redis.max_deliveries}); "
-                      "it may crash the workers that take it")
-            await self.dead_letter(stream, entry_id, raw, reason, deliveries, event)
-            return "acked", event
-        with log_context(session_id=event.session_id,
-                         turn_id=getattr(event, "turn_id", None)):
-            if isinstance(event, TurnEvent) and await self.io(
-                lambda: self.cancel.is_cancelled(event.session_id, event.turn_id)
-            ):
-                self.stats["skipped_cancelled"] += 1
-                log.info("skipping %s of a cancelled turn", event.type)
-                return "cancelled", event
-            return await self._run_handler(stream, entry_id, raw, deliveries, event, handler)
-
-    async def _run_handler(
-        self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
-        handler: Handler,
-    ) -> tuple[Outcome, Event | None]:
-        span_name = self.span_name
-        if span_name is None or not isinstance(event, TurnEvent):
-            return await self._attempt_inner(stream, entry_id, raw, deliveries, event, handler)
-        # The stage's span, a child of the turn's root span named by the event's trace
-        # context (also when this worker reclaimed the entry from one that died).
-        with telemetry.tracer().start_as_current_span(
-                span_name, context=telemetry.parent_of(event.traceparent, event.tracestate),
-                kind=SpanKind.CONSUMER, attributes={
-                    semconv.STAGE: self.name, semconv.CONSUMER: self.consumer,
-                    semconv.DELIVERIES: deliveries, semconv.SESSION_ID: event.session_id,
-                    semconv.TURN_ID: event.turn_id}) as span:
-            outcome, handled = await self._attempt_inner(stream, entry_id, raw, deliveries,
-                                                         event, handler)
-            span.set_attribute(semconv.OUTCOME, outcome)
-            return outcome, handled
-
-    async def _attempt_inner(
-        self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
-        handler: Handler,
-    ) -> tuple[Outcome, Event | None]:
-        try:
-            return await self._attempt_handler(stream, entry_id, raw, deliveries, event, handler)
-        finally:
-            if isinstance(event, TurnEvent):  # drop the turn's cancel waiter, if one was made
-                self.cancel.release(event.session_id, event.turn_id)
-
-    async def _attempt_handler(
-        self, stream: str, entry_id: str, raw: bytes, deliveries: int, event: Event,
-        handler: Handler,
-    ) -> tuple[Outcome, Event | None]:
-        attempts = self.settings.redis.handler_attempts if self.retries_handlers else 1
-        for attempt in range(1, attempts + 1):
-            ctx = Context(self.bus, self.cancel, self.consumer, stream, entry_id, deliveries, event,
-                          attempt)
-            ordinal = 0
-            try:
-                async for out in handler(event, ctx):
-                    await self.io(lambda o=out, n=ordinal: self.bus.emit(  # type: ignore[misc]
-                        stream, self.group, self.consumer, entry_id, n, o.stream, o.event))
-                    ordinal += 1
-                self.stats["handled"] += 1
-                return ("emitted" if ordinal else "handled"), event
-            except (asyncio.CancelledError, Stopping):
-                raise
-            except LeaseLost:
-                self.stats["lost_leases"] += 1
-                log.warning("%s: lost %s to a peer (frozen past its lease?); "
-                            "its output is not written", self.consumer, entry_id)
-                return "lost", event
-            except Exception as exc:
-                self.stats["handler_errors"] += 1
-                if attempt == attempts:
-                    log.exception("handler failed %d times on %s %s; dead-lettering",
-                                  attempts, event.type, entry_id)
-                    reason = f"handler raised {type(exc).__name__}: {exc} ({attempts} attempts)"
-                    await self.dead_letter(stream, entry_id, raw, reason, deliveries, event)
-                    return "acked", event
-                log.warning("handler raised on %s %s (attempt %d/%d): %r",
-                            event.type, entry_id, attempt, attempts, exc)
-                await self.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
-
-    async def dead_letter(self, stream: str, entry_id: str, raw: bytes, reason: str,
-                          deliveries: int, event: Event | None = None) -> None:
-        self.stats["dead_lettered"] += 1
-        metrics.dead_letters.add(1, {"stream": self.keys.kind(stream) or "other"})
-        log.warning("dead-lettering %s %s: %s", stream, entry_id, reason)
-        letter = DeadLetter(
-            session_id=event.session_id if event else "",
-            stream=stream, entry_id=entry_id, group=self.group, consumer=self.consumer,
-            reason=reason[:1024], deliveries=deliveries, payload=bytes(raw[:65_536]),
-        )
-        await self.io(lambda: self.bus.dead_letter(stream, self.group, entry_id, letter))
-
-    async def pending_deliveries(self, stream: str,
-                                 entries: list[Any]) -> list[tuple[str, Any, int]]:
-        """Claimed entries with their delivery counts; entries trimmed away are skipped."""
-        live = [(as_str(e[0]), e[1]) for e in entries if e is not None]
-        if len(live) < len(entries):
-            log.warning("%s: %d claimed entries of %s were already trimmed", self.consumer,
-                        len(entries) - len(live), stream)
-        counts = await self.bus.deliveries(stream, self.group, [i for i, _ in live])
-        return [(i, f, counts.get(i, 1)) for i, f in live]
-
     # -- housekeeping ----------------------------------------------------
     def streams_to_tidy(self) -> list[str]:
         return []
@@ -377,19 +246,9 @@ class Worker:
     async def claim_from_dead(self, stream: str, count: int) -> list[Any]:
         """Pending entries of consumers whose process is gone, now ours (``count`` at
         most), as ``XCLAIM`` replies them."""
-        claimed: list[Any] = []
-        for dead in await janitor.dead_holders(self.leases.redis, self.keys, stream,
-                                               self.group, self.consumer):
-            if len(claimed) >= count:
-                break
-            taken = await janitor.claim_from(self.leases.redis, stream, self.group,
-                                             self.consumer, dead, count - len(claimed),
-                                             min_idle_ms=self.settings.worker.liveness_ms // 5)
-            if taken:
-                log.info("%s: %s is gone (no heartbeat): took over %d entries",
-                         self.consumer, dead, len(taken))
-            claimed += taken
-        return claimed
+        return await janitor.claim_from_dead(
+            self.leases.redis, self.keys, stream, self.group, self.consumer, count,
+            min_idle_ms=self.settings.worker.liveness_ms // 5)
 
     async def remove_own_consumer(self, stream: str) -> None:
         """On shutdown: leave no consumer behind unless it still holds work."""

@@ -25,6 +25,7 @@ import sys
 import redis
 
 from workers.config_load import load_config
+from workers.runtime.bus import connect_sync
 from workers.runtime.keys import Keys
 
 STAGES = ("vad", "asr", "llm", "tts")
@@ -64,8 +65,7 @@ def main(argv: list[str]) -> int:
     if not config.redis.url:
         print("probe: REDIS_URL is not set", file=sys.stderr)
         return 1
-    client = redis.Redis.from_url(config.redis.url, socket_timeout=2.0,
-                                  socket_connect_timeout=2.0)
+    client = connect_sync(config.redis.url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:
