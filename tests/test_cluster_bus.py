@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from redis.crc import key_slot
@@ -37,6 +38,8 @@ from tests.test_session_worker import (  # noqa: F401
     test_owner_killed_mid_session_peer_continues_in_order_exactly_once,
 )
 from voicebus.redis_cluster import LocalRedisCluster
+from voicebus.supervisor import Supervisor
+from workers.config import LlmConfig
 from workers.runtime.bus import connect_sync
 from workers.runtime.keys import Keys
 
@@ -75,6 +78,39 @@ def test_a_sessions_keys_share_a_slot_and_sessions_spread_over_the_masters(
         assert len(slots) == 1, names
         masters.add(cluster.master_for_key(keys.audio(sid)).port)
     assert len(masters) == 3
+
+
+@pytest.mark.timeout(300)
+def test_a_product_conversation_on_the_cluster(
+        cluster: LocalRedisCluster, local_llm_url: str, tmp_path: Path) -> None:
+    """Every worker and the gateway as ``voicebus up`` runs them, on the cluster: two
+    turns of a conversation, answered with audio, and remembered."""
+    from tests.test_product import SECRET, spoken, talk
+
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    env = {"VOICEBUS_REDIS__KEY_PREFIX": prefix, "VOICEBUS_GATEWAY__PORT": "0",
+           "VOICEBUS_GATEWAY__SECRET": SECRET, "VOICEBUS_LLM__BASE_URL": local_llm_url,
+           "VOICEBUS_LLM__TEMPERATURE": "0", "VOICEBUS_REDIS__QUEUE_SHARDS": "3"}
+    supervisor = Supervisor(cluster.url, llm=LlmConfig(base_url=local_llm_url), env=env,
+                            log_stream=open(tmp_path / "product.log", "w"))
+    supervisor.start(timeout=180)
+    try:
+        wavs = [spoken("Hello! My name is Peter.", tmp_path / "1.wav"),
+                spoken("What is my name?", tmp_path / "2.wav")]
+        turns = talk((supervisor, prefix), "cluster-user", wavs, out_dir=tmp_path / "out")
+    finally:
+        supervisor.stop()
+    assert len(turns) == 2 and not any(t.interrupted for t in turns)
+    assert "name" in turns[1].transcript.lower()
+    assert "peter" in turns[1].reply.lower(), turns[1].reply  # memory of turn one
+    assert all(len(t.audio) / 2 / 24_000 > 0.5 for t in turns)
+    client = connect_sync(cluster.url)
+    try:  # the jobs went through the shards of the sessions' queues, on the cluster
+        used = [q for stage in ("asr", "llm", "tts")
+                for q in Keys(prefix, queue_shards=3).queues(stage) if client.exists(q)]
+        assert {q.split(":q:")[1].split(":")[0] for q in used} == {"asr", "llm", "tts"}
+    finally:
+        client.close()
 
 
 def test_a_job_stage_rides_out_a_master_failover(
