@@ -11,6 +11,10 @@ reads the streams of each slot in their own read (``workers.runtime.keys``,
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,7 +44,7 @@ from tests.test_session_worker import (  # noqa: F401
 from voicebus.redis_cluster import LocalRedisCluster
 from voicebus.supervisor import Supervisor
 from workers.config import LlmConfig
-from workers.runtime.bus import connect_sync
+from workers.runtime.bus import FIELD, connect_sync
 from workers.runtime.keys import Keys
 
 
@@ -78,6 +82,29 @@ def test_a_sessions_keys_share_a_slot_and_sessions_spread_over_the_masters(
         assert len(slots) == 1, names
         masters.add(cluster.master_for_key(keys.audio(sid)).port)
     assert len(masters) == 3
+
+
+def test_status_walks_every_master(cluster: LocalRedisCluster, prefix: str) -> None:
+    """``voicebus status`` on a cluster lists the streams of all three masters."""
+    keys = Keys(prefix, queue_shards=3)
+    client = connect_sync(cluster.url)
+    try:
+        for queue in keys.queues("asr"):
+            client.xgroup_create(queue, "asr", id="0", mkstream=True)
+            client.xadd(queue, {FIELD: b"x"})
+        sessions = [f"s{i}" for i in range(12)]
+        for sid in sessions:
+            client.xadd(keys.audio(sid), {FIELD: b"x"})
+    finally:
+        client.close()
+    assert len({cluster.master_for_key(keys.audio(s)).port for s in sessions}) > 1
+    env = {**os.environ, "REDIS_URL": cluster.url, "VOICEBUS_REDIS__KEY_PREFIX": prefix}
+    result = subprocess.run([sys.executable, "-m", "voicebus", "status", "--json"], env=env,
+                            capture_output=True, text=True, timeout=60, check=True)
+    streams = {s["key"]: s for s in json.loads(result.stdout)["streams"]}
+    assert set(keys.queues("asr")) <= set(streams)
+    assert all(streams[q]["groups"][0]["name"] == "asr" for q in keys.queues("asr"))
+    assert {keys.audio(s) for s in sessions} <= set(streams)
 
 
 @pytest.mark.timeout(300)
