@@ -32,7 +32,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from schemas import DeadLetter, Event, SchemaError, decode, encode
-from workers.runtime.keys import Keys, StreamKind, slot_tag
+from workers.runtime.keys import Keys, StreamKind
 
 FIELD = b"e"  # the one field of every entry: the encoded event
 
@@ -64,11 +64,12 @@ _EMIT = """
 if KEYS[3] then
   local p = redis.call('XPENDING', KEYS[3], ARGV[6], ARGV[7], ARGV[7], 1)
   if not p[1] or p[1][2] ~= ARGV[8] then return 0 end
+else
+  local fence = tonumber(redis.call('HGET', KEYS[1], 'f') or '0')
+  local delivery = tonumber(ARGV[9])
+  if delivery < fence then return 0 end
+  if delivery > fence then redis.call('HSET', KEYS[1], 'f', delivery) end
 end
-local fence = tonumber(redis.call('HGET', KEYS[1], 'f') or '0')
-local delivery = tonumber(ARGV[9])
-if delivery < fence then return 0 end
-if delivery > fence then redis.call('HSET', KEYS[1], 'f', delivery) end
 if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return false end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
@@ -182,17 +183,6 @@ def is_cluster(client: aioredis.Redis) -> bool:
     return isinstance(client, RedisCluster)
 
 
-def by_slot(client: aioredis.Redis, streams: Mapping[str, str]) -> list[dict[str, str]]:
-    """``streams`` split into what one read may name: all of them on one Redis, one
-    group per hash tag on a cluster (a multi-key command must stay in one slot)."""
-    if not is_cluster(client):
-        return [dict(streams)] if streams else []
-    groups: dict[str, dict[str, str]] = {}
-    for stream, position in streams.items():
-        groups.setdefault(slot_tag(stream), {})[stream] = position
-    return list(groups.values())
-
-
 Entry = tuple[str, dict[bytes, bytes]]
 Replies = list[tuple[str, list[Entry]]]
 
@@ -278,9 +268,6 @@ class Bus:
     def cluster(self) -> bool:
         return is_cluster(self.redis)
 
-    def dedup_key(self, source: str, group: str, entry_id: str, stream: str) -> str:
-        return self.keys.dedup(stream, group, source, entry_id)
-
     async def emit(self, source: str, group: str, consumer: str, entry_id: str,
                    ordinal: int, stream: str, event: Event, delivery: int = 1) -> str | None:
         """Write output ``ordinal`` of input ``entry_id`` once; None if already written.
@@ -288,7 +275,7 @@ class Bus:
         Raises ``LeaseLost`` if the entry is no longer ``consumer``'s (``_EMIT``).
         """
         in_session = self.keys.kind(stream) in ("out", "audio")
-        keys = [self.dedup_key(source, group, entry_id, stream), stream]
+        keys = [self.keys.dedup(stream, group, source, entry_id), stream]
         if not self.cluster:
             keys.append(source)
         result = await self._emit(

@@ -146,7 +146,7 @@ class EntryHandling:
                                              > self.settings.worker.liveness_ms / 2000):
                         await self._still_ours(stream, entry_id)
                         checked = time.monotonic()
-                    written.add(self.bus.dedup_key(stream, self.group, entry_id, out.stream))
+                    written.add(self.keys.dedup(out.stream, self.group, stream, entry_id))
                     await self.io(lambda o=out, n=ordinal: self.bus.emit(  # type: ignore[misc]
                         stream, self.group, self.consumer, entry_id, n, o.stream, o.event,
                         deliveries))
@@ -160,17 +160,17 @@ class EntryHandling:
                 log.warning("%s: lost %s to a peer (frozen past its lease?); "
                             "its output is not written", self.consumer, entry_id)
                 return "lost", event
-            except IO_ERRORS as exc:
-                if not self.retries_handlers:
-                    raise  # a stateful handler is never run twice: the entry stays pending
-                # Redis away (an outage, a cluster failover): not the handler's failure.
-                # Do not spend an attempt on it; try again once Redis answers.
-                self._note_down("handler", exc)
-                if self._give_up.is_set():
-                    raise Stopping from exc
-                attempt -= 1
-                await wait_event(self._give_up, outage.next())
             except Exception as exc:
+                if self.retries_handlers and isinstance(exc, IO_ERRORS):
+                    # Redis away (an outage, a cluster failover): not the handler's
+                    # failure. Do not spend an attempt on it; try again once Redis
+                    # answers. (A stateful handler is never run twice: as any error.)
+                    self._note_down("handler", exc)
+                    if self._give_up.is_set():
+                        raise Stopping from exc
+                    attempt -= 1
+                    await wait_event(self._give_up, outage.next())
+                    continue
                 self.stats["handler_errors"] += 1
                 if attempt == attempts:
                     log.exception("handler failed %d times on %s %s; dead-lettering",

@@ -170,13 +170,6 @@ class Keys:
                 return "out"
         return None
 
-    def session_of(self, key: str) -> str | None:
-        """The session id in one of a session's key names, or None."""
-        rest = key[len(self.prefix) + 1:] if key.startswith(self.prefix + ":") else ""
-        if not rest.startswith("{s") or "}:" not in rest:
-            return None
-        return rest.split("}:", 1)[1].split(":", 1)[0] or None
-
 
 def slot_tag(key: str) -> str:
     """What Redis Cluster hashes of ``key`` to pick its slot: the first non-empty
