@@ -51,6 +51,12 @@ async def transcribe_slowly(event: Event, ctx: Context) -> AsyncIterator[Emit]:
             yield Emit(ctx.keys.out(event.session_id), Transcript(
                 session_id=event.session_id, turn_id=event.turn_id, text=text))
             return
+        if event.rule == "redis_on_go":
+            # Mid-job until the test's go file appears (Redis may be down by then: a
+            # file, not a key), then a call of its own to Redis (outage tests).
+            while not os.path.exists(os.environ["TEST_GO_FILE"]):  # noqa: ASYNC110, ASYNC240 (a tiny stat of a file the test creates)
+                await asyncio.sleep(0.01)
+            await ctx.bus.redis.incr(f"{ctx.keys.prefix}:test:calls")
         if DELAY:
             await asyncio.sleep(DELAY)
         yield Emit(ctx.keys.out(event.session_id), Transcript(
