@@ -17,6 +17,7 @@ Writes that must not be half-done are Lua scripts (atomic in Redis):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -29,7 +30,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import DeadLetter, Event, SchemaError, decode, encode
 from workers.runtime.keys import Keys, StreamKind
@@ -194,6 +197,9 @@ def _entries(reply: Any) -> Replies:
 
 async def read_group(client: aioredis.Redis, group: str, consumer: str,
                      streams: Mapping[str, str], count: int, block_ms: int) -> Replies:
+    if is_cluster(client):
+        return await _read_on_cluster(client, "XREADGROUP", ["GROUP", group, consumer],
+                                      streams, count, block_ms)
     reply = await client.xreadgroup(group, consumer, cast(Any, dict(streams)),
                                     count=count, block=block_ms)
     return _entries(reply)
@@ -201,7 +207,33 @@ async def read_group(client: aioredis.Redis, group: str, consumer: str,
 
 async def read(client: aioredis.Redis, streams: Mapping[str, str], count: int,
                block_ms: int) -> Replies:
+    if is_cluster(client):
+        return await _read_on_cluster(client, "XREAD", [], streams, count, block_ms)
     return _entries(await client.xread(cast(Any, dict(streams)), count=count, block=block_ms))
+
+
+async def _read_on_cluster(client: aioredis.Redis, command: str, head: list[Any],
+                           streams: Mapping[str, str], count: int, block_ms: int) -> Replies:
+    """A blocking stream read on a cluster, sent to the master of the streams' slot.
+
+    redis-py's cluster client sends XREAD/XREADGROUP to its *default* node (the first
+    it met) and follows the MOVED reply; when that node dies, every read fails for
+    good (measured: still failing 28 s after its replica took over). So the read names
+    its node, and when that node cannot be reached the slot map is read again, so the
+    next read goes to the slot's new master once one is elected.
+    """
+    cluster = cast(RedisCluster, client)
+    await cluster.initialize()  # a new client learns the slot map here (at once later)
+    node = cluster.get_node_from_key(next(iter(streams)))
+    try:
+        reply = await cluster.execute_command(
+            command, *head, "COUNT", count, "BLOCK", block_ms, "STREAMS", *streams,
+            *streams.values(), target_nodes=node)
+    except (RedisConnectionError, RedisTimeoutError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
+            await cluster.nodes_manager.initialize()
+        raise
+    return _entries(reply)
 
 
 async def newest_first(client: aioredis.Redis, stream: str, limit: int,
