@@ -224,7 +224,10 @@ async def _read_on_cluster(client: aioredis.Redis, command: str, head: list[Any]
     """
     cluster = cast(RedisCluster, client)
     await cluster.initialize()  # a new client learns the slot map here (at once later)
-    node = cluster.get_node_from_key(next(iter(streams)))
+    try:
+        node = cluster.get_node_from_key(next(iter(streams)))
+    except RedisClusterException as exc:  # no master for the slot yet: an outage to callers
+        raise RedisConnectionError(str(exc)) from exc
     try:
         reply = await cluster.execute_command(
             command, *head, "COUNT", count, "BLOCK", block_ms, "STREAMS", *streams,
