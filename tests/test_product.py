@@ -101,8 +101,11 @@ def test_barge_in_cuts_the_answer_and_memory_keeps_what_was_heard(
     assert [role for role, _, _ in stored] == ["user", "assistant", "user", "assistant"]
     _, heard, interrupted = stored[1]
     assert interrupted
-    assert len(heard) < len(first.reply)
-    assert first.reply.startswith(heard.rstrip(".,!?"))  # a prefix of the reply
+    # A prefix of the text the device got, never more. Usually shorter; on a busy box the
+    # LLM may not be ahead of playback at the cut, and then all of it was heard (strictly
+    # shorter: tests/test_gateway.py, test_barge_in_flushes_stops_audio_and_keeps_what_was_heard).
+    assert len(heard) <= len(first.reply)
+    assert first.reply.startswith(heard.rstrip(".,!?"))
 
 
 def test_an_utterance_with_long_pauses_is_one_turn_and_no_word_is_lost(
