@@ -8,9 +8,12 @@ a real worker on a real Redis with the ACL the manifests build."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import copy
+import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -46,6 +49,8 @@ OTHER_ENV = {
     "VOICEBUS_CACHE": "the model cache (an emptyDir)",
     "REDIS_USER": "the pod's ACL user, spliced into REDIS_URL",
     "REDIS_PASSWORD": "its password from the Secret, spliced into REDIS_URL",
+    "REDIS_SCHEME": "redis or redis+cluster, from the ConfigMap voicebus-redis, for REDIS_URL",
+    "REDIS_ADDRESS": "host:port[/db] of Redis, from the ConfigMap voicebus-redis, for REDIS_URL",
     "N_GPU_LAYERS": "llama-cpp-python server's ModelSettings (GPU overlay)",
 }
 # Every metadata key KEDA's redis-streams scaler reads (pkg/scalers/redis_streams_scaler.go
@@ -105,6 +110,8 @@ def resolved_env(docs: list[Doc], container: Doc) -> dict[str, str]:
     """The container's environment as the kubelet builds it: values, Secret and
     ConfigMap references, and $(VAR) references to variables defined before."""
     env: dict[str, str] = {}
+    for source in container.get("envFrom", []):  # first: env entries may refer to these
+        env.update(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
     for item in container.get("env", []):
         if "value" in item:
             value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), str(item["value"]))
@@ -204,6 +211,7 @@ def test_every_container_runs_a_real_command_with_real_settings(
         rendered: list[Doc], tmp_path: Path) -> None:
     acl = acl_users((ROOT / "deploy" / "redis-users.acl").read_text())
     found = {}
+    redis_seen = set()
     for workload, container in voicebus_containers(rendered):
         name = workload["metadata"]["name"]
         assert "command" not in container, "the image's ENTRYPOINT is voicebus"
@@ -231,8 +239,15 @@ def test_every_container_runs_a_real_command_with_real_settings(
         user = "gateway" if args.command == "gateway" else args.stage
         assert user in acl and url.username == user, name
         assert url.password == secret_value(rendered, "voicebus-redis-users", user), name
-        assert url.hostname == "redis.voicebus.svc" and url.port == 6379
-        assert url.path == "/0"
+        assert url.scheme in ("redis", "redis+cluster")
+        assert str(url.hostname).endswith(".voicebus.svc") and url.port == 6379
+        if url.scheme == "redis":  # the base's own Redis, database 0
+            assert url.hostname == "redis.voicebus.svc" and url.path == "/0"
+            assert find(rendered, "StatefulSet", "redis")
+        else:  # a cluster has no databases, and runs outside this deployment
+            assert url.path == "" and not find(rendered, "StatefulSet", "redis")
+        # Producers and consumers must agree on where Redis is and on the queue shards.
+        redis_seen.add((url.scheme, url.hostname, url.port, config.redis.queue_shards))
         service = one(rendered, "Service", "llm-server")
         assert config.llm.base_url == (f"http://{service['metadata']['name']}:"
                                        f"{service['spec']['ports'][0]['port']}/v1")
@@ -244,6 +259,7 @@ def test_every_container_runs_a_real_command_with_real_settings(
                           if v["name"] == mounts[str(Path(config.gateway.secret_file).parent)])
             key = Path(config.gateway.secret_file).name
             assert len(secret_value(rendered, volume["secret"]["secretName"], key)) >= 16
+    assert len(redis_seen) == 1, redis_seen
     assert found == {"llm-server": ("llm-server", None), "vad": ("up", "vad"),
                      "asr": ("up", "asr"), "llm": ("up", "llm"),
                      "tts": ("up", "tts"), "gateway": ("gateway", None)}
@@ -280,8 +296,7 @@ def test_the_gpu_overlay_switches_asr_tts_and_the_llm_server_to_the_gpu(
 def test_keda_triggers_read_the_real_streams_and_groups(
         rendered: list[Doc], tmp_path: Path) -> None:
     acl = acl_users((ROOT / "deploy" / "redis-users.acl").read_text())
-    configs = {w["metadata"]["name"]: container_config(rendered, w, c, tmp_path)[0]
-               for w, c in voicebus_containers(rendered)}
+    configs = stage_configs(rendered, tmp_path)
     scaled = {d["metadata"]["name"]: d for d in find(rendered, "ScaledObject")}
     assert set(scaled) == {*stages.NAMES, "llm-server"}
     for name, obj in scaled.items():
@@ -289,21 +304,21 @@ def test_keda_triggers_read_the_real_streams_and_groups(
         target = one(rendered, "Deployment", spec["scaleTargetRef"]["name"])
         assert "replicas" not in target["spec"], f"{name}: KEDA owns the replica count"
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-        # The stage whose group is read: the target's own, or for the LLM server the
-        # llm stage whose jobs are its requests.
-        stage = "llm" if name == "llm-server" else name
+        stage = scaled_stage(name)
         config = configs[stage]
-        keys = Keys(config.redis.key_prefix)
+        keys = Keys.of(config.redis)
         redis_url = urlsplit(config.redis.url or "")
-        kinds = set()
+        on_cluster = redis_url.scheme == "redis+cluster"
+        measured = set()
         for trigger in spec["triggers"]:
             meta = trigger["metadata"]
-            assert trigger["type"] == "redis-streams", "a single Redis, not a cluster"
+            assert trigger["type"] == ("redis-cluster-streams" if on_cluster else "redis-streams")
             assert set(meta) <= KEDA_REDIS_STREAMS_KEYS, set(meta) - KEDA_REDIS_STREAMS_KEYS
-            assert meta["stream"] == stage_stream(keys, stage), name
             assert meta["consumerGroup"] == stage  # Worker.group is the stage's name
-            assert meta["address"] == f"{redis_url.hostname}:{redis_url.port}"
-            assert int(meta.get("databaseIndex", "0")) == int(redis_url.path.strip("/") or 0)
+            address = meta["addresses"] if on_cluster else meta["address"]
+            assert address == f"{redis_url.hostname}:{redis_url.port}"
+            if not on_cluster:
+                assert int(meta.get("databaseIndex", "0")) == int(redis_url.path.strip("/") or 0)
             auth = one(rendered, "TriggerAuthentication", trigger["authenticationRef"]["name"])
             params = {r["parameter"]: secret_value(rendered, r["name"], r["key"])
                       for r in auth["spec"]["secretTargetRef"]}
@@ -311,17 +326,82 @@ def test_keda_triggers_read_the_real_streams_and_groups(
             assert params["username"] == "operator" and rule.startswith("on")
             assert "+@stream" in rule and "+info" in rule and "~vb:*" in rule
             assert params["password"] == secret_value(rendered, "voicebus-redis-users", "operator")
-            if "lagCount" in meta:
-                kinds.add("lag")
-                assert int(meta["lagCount"]) >= 1 and int(meta["activationLagCount"]) == 0
-            else:
-                kinds.add("pending")
-                target_pending = int(meta["pendingEntriesCount"])
-                if name == "vad":  # live sessions per worker, below the hard cap
-                    assert 1 <= target_pending <= config.worker.max_sessions
-                elif name != "llm-server":
-                    assert target_pending == stage_slots(config, stage), name
-        assert kinds == ({"pending"} if name == "llm-server" else {"pending", "lag"}), name
+            assert "streamLength" not in meta
+            measured.add((trigger_kind(trigger), meta["stream"]))
+        # Every shard the workers read, once for each thing measured, and nothing else.
+        streams = [keys.sessions()] if stage == "vad" else keys.queues(stage)
+        kinds = ["pending"] if name == "llm-server" else ["pending", "lag"]
+        assert len(measured) == len(spec["triggers"]), f"{name}: a stream measured twice"
+        assert measured == {(k, s) for k in kinds for s in streams}, name
+
+
+def test_replicas_follow_the_work_in_progress_plus_the_work_waiting(
+        rendered: list[Doc], tmp_path: Path) -> None:
+    """Each ScaledObject's formula sums its triggers (every shard), over a target of the
+    work one pod takes. Busy and waiting add up: with a trigger each, the HPA took the
+    larger, so two busy ASR pods and one waiting job asked for 2 pods and the job
+    waited; the sum asks for 3."""
+    configs = stage_configs(rendered, tmp_path)
+    rng = random.Random(15)
+    for obj in find(rendered, "ScaledObject"):
+        name = obj["metadata"]["name"]
+        stage = scaled_stage(name)
+        config = configs[stage]
+        modifiers = obj["spec"]["advanced"]["scalingModifiers"]
+        assert modifiers["metricType"] == "AverageValue"  # desired = ceil(value / target)
+        target = float(modifiers["target"])
+        for _ in range(20):
+            values = {t["name"]: rng.randrange(0, 30) for t in obj["spec"]["triggers"]}
+            busy = sum(values[t["name"]] for t in obj["spec"]["triggers"]
+                       if trigger_kind(t) == "pending")
+            waiting = sum(values[t["name"]] for t in obj["spec"]["triggers"]
+                          if trigger_kind(t) == "lag")
+            assert formula_value(modifiers["formula"], values) == busy + waiting, name
+        if name == "vad":  # live sessions per worker, below the hard cap
+            assert 1 <= target <= config.worker.max_sessions
+        elif name == "llm-server":  # one reply generating, one queued (to be measured)
+            assert target == 2
+        else:
+            assert target == stage_slots(config, stage), name
+    asr = one(rendered, "ScaledObject", "asr")
+    shard0 = {trigger_kind(t): t["name"] for t in asr["spec"]["triggers"]
+              if t["metadata"]["stream"] == "vb:q:asr"}
+    values = {t["name"]: 0 for t in asr["spec"]["triggers"]}
+    values[shard0["pending"]], values[shard0["lag"]] = 2, 1
+    modifiers = asr["spec"]["advanced"]["scalingModifiers"]
+    assert math.ceil(formula_value(modifiers["formula"], values)
+                     / float(modifiers["target"])) == 3
+
+
+def stage_configs(docs: list[Doc], tmp: Path) -> dict[str, Config]:
+    return {w["metadata"]["name"]: container_config(docs, w, c, tmp)[0]
+            for w, c in voicebus_containers(docs)}
+
+
+def scaled_stage(scaled_object: str) -> str:
+    """The stage whose group a ScaledObject reads: its target's own, or for the LLM
+    server the llm stage, whose jobs are its requests."""
+    return "llm" if scaled_object == "llm-server" else scaled_object
+
+
+def trigger_kind(trigger: Doc) -> str:
+    """pending (XPENDING: delivered, not acked) or lag (XINFO GROUPS: not yet read)."""
+    return "lag" if "lagCount" in trigger["metadata"] else "pending"
+
+
+def formula_value(formula: str, values: dict[str, int]) -> int:
+    """A scalingModifiers formula (expr-lang) made of trigger names, numbers, + and *:
+    evaluated from its syntax tree, and anything else in it fails the test."""
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        if isinstance(node, ast.Name):
+            return values[node.id]
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        raise AssertionError(f"not a sum of trigger values: {ast.dump(node)}")
+    return value(ast.parse(formula, mode="eval").body)
 
 
 def test_the_sessions_a_vad_worker_holds_are_capped_where_measured(

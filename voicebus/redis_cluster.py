@@ -12,10 +12,14 @@ drive the failure a production cluster has to survive.
 
 from __future__ import annotations
 
+import secrets
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -118,16 +122,26 @@ class LocalRedisCluster(processes.ChildServer):
 
     ``node_timeout_ms`` is how long a node may be silent before it is suspected failed;
     the default of 1 s (Redis's is 15 s) makes a failover take a few seconds in tests.
+
+    ``acl_file``: every node loads these users (as a production cluster must: ACLs are per
+    node, not replicated), plus an admin user of its own that forms the cluster and
+    that replicas authenticate as (``masteruser``), so the file may turn ``default`` off.
     """
 
     def __init__(self, masters: int = 3, replicas_per_master: int = 1,
-                 binary: str | None = None, node_timeout_ms: int = 1000) -> None:
+                 binary: str | None = None, node_timeout_ms: int = 1000,
+                 acl_file: Path | None = None) -> None:
         if masters < 1 or replicas_per_master < 0:
             raise ValueError("a cluster needs at least one master and no negative replicas")
         self.binary = binary or find_redis_server()
         self.n_masters = masters
         self.replicas_per_master = replicas_per_master
         self.node_timeout_ms = node_timeout_ms
+        self.acl_file = acl_file
+        # Our own connections' user (the admin of ``acl_file``), or None: the default user.
+        self._username: str | None = None
+        self._password: str | None = None
+        self._acl_dir: Path | None = None
         self.nodes: list[ClusterNode] = []  # masters first, in slot order, then replicas
         self._clients: dict[int, redis.Redis] = {}
 
@@ -155,11 +169,17 @@ class LocalRedisCluster(processes.ChildServer):
         """One node's ``redis://`` URL (what redis-py's own ``from_url`` accepts)."""
         return f"redis://127.0.0.1:{self._seed.port}"
 
+    def url_as(self, user: str, password: str) -> str:
+        """``url`` with an ACL user's credentials."""
+        return f"redis+cluster://{user}:{password}@127.0.0.1:{self._seed.port}"
+
     # -- life ------------------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
         try:
+            if self.acl_file is not None:
+                self._write_acl(self.acl_file)
             for i in range(self.n_masters * (1 + self.replicas_per_master)):
                 master = None if i < self.n_masters else self.nodes[i % self.n_masters]
                 self.nodes.append(ClusterNode(self._start_node(master), replica_of=master))
@@ -176,6 +196,17 @@ class LocalRedisCluster(processes.ChildServer):
         nodes, self.nodes = self.nodes, []
         for node in nodes:
             node.server.stop()
+        if self._acl_dir is not None:
+            shutil.rmtree(self._acl_dir, ignore_errors=True)
+            self._acl_dir = None
+
+    def _write_acl(self, users: Path) -> None:
+        """The users' file plus our admin, in a file every node loads (``--aclfile``)."""
+        self._username, self._password = "voicebus-cluster-admin", secrets.token_hex(16)
+        self._acl_dir = Path(tempfile.mkdtemp(prefix="voicebus-cluster-acl-"))
+        text = users.read_text().rstrip("\n")
+        admin = f"user {self._username} on >{self._password} ~* &* +@all"
+        (self._acl_dir / "users.acl").write_text(f"{text}\n{admin}\n")
 
     def _start_node(self, master: ClusterNode | None) -> EmbeddedRedis:
         last: RedisLaunchError | None = None
@@ -191,6 +222,10 @@ class LocalRedisCluster(processes.ChildServer):
                 # on every node, since a master may become a replica after a failover.
                 "--cluster-replica-validity-factor", "0",
             ]  # fmt: skip
+            if self._acl_dir is not None:
+                args += ["--aclfile", str(self._acl_dir / "users.acl"),
+                         "--masteruser", str(self._username),
+                         "--masterauth", str(self._password)]
             server = EmbeddedRedis(port=port, binary=self.binary, extra_args=args)
             try:
                 server.start()
@@ -301,7 +336,8 @@ class LocalRedisCluster(processes.ChildServer):
 
     def _serves_every_master(self) -> str | None:
         client = RedisCluster(host="127.0.0.1", port=self._seed.port, decode_responses=True,
-                              socket_timeout=2)
+                              socket_timeout=2, username=self._username,
+                              password=self._password)
         try:
             for i in range(self.n_masters):
                 key = _key_in_slots(i * SLOTS // self.n_masters,
@@ -334,7 +370,8 @@ class LocalRedisCluster(processes.ChildServer):
         client = self._clients.get(node.port)
         if client is None:
             client = redis.Redis(host="127.0.0.1", port=node.port, decode_responses=True,
-                                 socket_timeout=2, socket_connect_timeout=2)
+                                 socket_timeout=2, socket_connect_timeout=2,
+                                 username=self._username, password=self._password)
             self._clients[node.port] = client
         # Separate words ("CLUSTER", "NODES") skip redis-py's reply parsing: we get raw text.
         return client.execute_command(*args)  # type: ignore[no-untyped-call]
