@@ -267,6 +267,18 @@ def test_without_fallback_a_failed_text_ends_with_an_empty_final_part(tmp_path: 
     assert metrics.outcome == "failed" and "out of data bounds" in metrics.error
 
 
+def test_piper_runs_on_the_configured_threads_and_still_speaks(tiny) -> None:  # type: ignore[no-untyped-def]
+    """Piper's own loader gives onnxruntime one thread per core of the machine (a 64-core
+    node: 64); ours gives it tts.cpu_threads."""
+    backend = load_primary(TtsConfig(cpu_threads=1))
+    assert isinstance(backend, PiperBackend)
+    assert backend.voice.session.get_session_options().intra_op_num_threads == 1
+    pieces = list(backend.synthesize("Good morning, how are you?"))
+    pcm = b"".join((np.clip(p.audio, -1, 1) * 32767).astype("<i2").tobytes() for p in pieces)
+    heard = words(tiny.transcribe(pcm, pieces[0].sample_rate).text)
+    assert wer("good morning how are you", " ".join(heard)) <= 0.25, heard
+
+
 def test_config_bounds_keep_parts_within_an_audio_chunk() -> None:
     with pytest.raises(ValueError, match="chunk_size"):
         TtsConfig(chunk_size=0)

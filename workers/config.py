@@ -215,12 +215,12 @@ class TtsConfig(_Section):
     # Of the audio sent out (the backends' native rates are resampled with soxr); the
     # bounds are what AudioChunk accepts.
     sample_rate: Annotated[int, Field(ge=8000, le=48000)] = 24000
-    # Most audio per AudioChunk, in 40 ms units (chatterbox speech tokens, 25 per
-    # second): 25 is 1 s. Longer synthesized pieces are sliced; the bound keeps a chunk
-    # under the event size cap at 48 kHz.
+    # Most audio per AudioChunk, in 40 ms units (chatterbox speech tokens, 25 per second):
+    # 25 is 1 s. Longer pieces are sliced; the bound keeps a chunk under the cap at 48 kHz.
     chunk_size: Annotated[int, Field(ge=1, le=750)] = 25
     batch_size: PositiveInt = 1  # unused: every backend here synthesizes one text at a time
     device: Literal["cpu", "cuda"] = "cpu"
+    cpu_threads: NonNegativeInt = 2  # piper on CPU: onnxruntime's threads (0: one per core)
     model_path: str | None = None  # chatterbox: checkpoint directory (ve.pt, t3.pt, ...)
     allow_download: bool = False  # chatterbox without model_path: fetch from the HF Hub
 

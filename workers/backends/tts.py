@@ -25,6 +25,7 @@ at a time so concurrent turns interleave instead of queueing behind a long text.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import struct
@@ -96,14 +97,24 @@ class PiperBackend:
 
     name = "piper"
 
-    def __init__(self, model: str | Path, *, use_cuda: bool = False) -> None:
-        from piper import PiperVoice
+    def __init__(self, model: str | Path, *, use_cuda: bool = False,
+                 cpu_threads: int = 2) -> None:
+        from piper import PiperConfig, PiperVoice
+
+        from workers.backends import onnx
 
         model = Path(model)
         config = Path(f"{model}.json")
         if not config.is_file():
             raise ModelFileMissing(f"Piper voice {model} has no config {config} beside it")
-        self.voice = PiperVoice.load(model, config_path=config, use_cuda=use_cuda)
+        if use_cuda:  # Piper's own loader: it sets the CUDA provider's options
+            self.voice = PiperVoice.load(model, config_path=config, use_cuda=True)
+        else:
+            # Piper's loader leaves onnxruntime at one thread per core of the machine:
+            # on a 64-core node a 1-core TTS pod would run 64 threads. Ours are counted.
+            self.voice = PiperVoice(
+                session=onnx.session(model, threads=cpu_threads),
+                config=PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8"))))
         self.sample_rate: int = self.voice.config.sample_rate
         self.providers: list[str] = list(self.voice.session.get_providers())
         self._lock = threading.Lock()  # one ONNX run at a time: the CPU has no more to give
@@ -276,7 +287,8 @@ def load_primary(config: TtsConfig) -> TtsBackend:
     backend: TtsBackend
     if config.backend == "piper":
         model = resolve_model(config.voice, *PIPER_VOICE)
-        piper = PiperBackend(model, use_cuda=config.device == "cuda")
+        piper = PiperBackend(model, use_cuda=config.device == "cuda",
+                              cpu_threads=config.cpu_threads)
         log.info("Piper voice %s (%d Hz) on %s", model, piper.sample_rate,
                  ", ".join(piper.providers))
         if config.device == "cuda" and "CUDAExecutionProvider" not in piper.providers:
