@@ -98,7 +98,9 @@ def product_env(redis_url: str, prefix: str, llm_url: str, secret: str,
            "VOICEBUS_GATEWAY__PORT": "0", "VOICEBUS_GATEWAY__SECRET": secret,
            "VOICEBUS_LLM__BASE_URL": llm_url, "VOICEBUS_LLM__TEMPERATURE": "0",
            "VOICEBUS_REDIS__CLAIM_IDLE_MS": str(claim_idle_ms),
-           "VOICEBUS_REDIS__BLOCK_MS": "200", "PYTHONUNBUFFERED": "1"}
+           "VOICEBUS_REDIS__BLOCK_MS": "200", "PYTHONUNBUFFERED": "1",
+           # The audit reads each session's whole out stream after the run: keep it all.
+           "VOICEBUS_REDIS__OUT_KEEP_S": "0"}
     if liveness_ms is not None:
         env["VOICEBUS_WORKER__LIVENESS_MS"] = str(liveness_ms)
     return env

@@ -76,7 +76,8 @@ from workers.config import Config
 from workers.config_load import load_config
 from workers.llm_worker import SAY_AGAIN
 from workers.observability.metrics import percentile as interpolated
-from workers.runtime.bus import FIELD, Bus, connect, read
+from workers.runtime.bus import FIELD, Bus, read
+from workers.runtime.connection import connect
 from workers.runtime.keys import Keys
 from workers.text.chunking import Chunker
 from workers.tts_worker import ChunkMetrics, TtsStage

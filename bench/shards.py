@@ -43,7 +43,8 @@ import redis
 from bench.measure import machine_cpu
 from schemas import Event, Transcript, encode
 from workers.observability.metrics import percentile
-from workers.runtime.bus import FIELD, connect, connect_sync
+from workers.runtime.bus import FIELD
+from workers.runtime.connection import connect, connect_sync
 from workers.runtime.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent

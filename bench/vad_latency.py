@@ -34,7 +34,8 @@ from workers.backends.audio import pcm16_to_float, resample
 from workers.backends.silero import SileroModel
 from workers.backends.smart_turn import SmartTurnModel, log_mel
 from workers.config import Config
-from workers.runtime.bus import FIELD, Bus, connect, read
+from workers.runtime.bus import FIELD, Bus, read
+from workers.runtime.connection import connect
 from workers.runtime.keys import Keys
 from workers.vad.turn_detection import TurnDetector
 

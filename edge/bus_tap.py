@@ -15,8 +15,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from schemas import Event, SchemaError, decode
-from workers.runtime.bus import FIELD, is_cluster, read
+from workers.runtime.bus import FIELD, read
 from workers.runtime.cancel import CancelLane
+from workers.runtime.connection import is_cluster
 from workers.runtime.keys import slot_tag
 from workers.runtime.retry import Backoff
 

@@ -68,8 +68,9 @@ from edge.web_page import WebPage
 from schemas import SessionStarted
 from workers.config import Config
 from workers.observability.logs import Throttled, log_context
-from workers.runtime.bus import DELETE_IF_EQUAL, Bus, connect
+from workers.runtime.bus import DELETE_IF_EQUAL, Bus
 from workers.runtime.cancel import CancelLane
+from workers.runtime.connection import connect
 from workers.runtime.keys import Keys
 
 log = logging.getLogger("voicebus.gateway")
@@ -86,7 +87,8 @@ class Gateway:
         self.redis = connect(redis_url)
         self.reader = connect(redis_url, blocking_ms=OUT_BLOCK_MS)
         self.control_reader = connect(redis_url, blocking_ms=1000)
-        self.bus = Bus(self.redis, self.keys, maxlen=config.redis.maxlen.model_dump())
+        self.bus = Bus(self.redis, self.keys, maxlen=config.redis.maxlen.model_dump(),
+                       out_keep_ms=int(config.redis.out_keep_s * 1000))
         self.cancel = CancelLane(self.bus, config.redis.session_ttl_s)
         self.cancel.listeners.append(self._on_cancel)
         self.secret = load_secret(config.gateway.secret, config.gateway.secret_file)

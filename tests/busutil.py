@@ -32,8 +32,9 @@ def pending(r: redis.Redis, stream: str, group: str) -> list[dict]:  # type: ign
 
 def cancel_turn(url: str, keys: Keys, session_id: str, turn_id: str, reason: str = "") -> None:
     """Cancel a turn on the cancel lane, as the VAD or the gateway does on barge-in."""
-    from workers.runtime.bus import Bus, connect
+    from workers.runtime.bus import Bus
     from workers.runtime.cancel import CancelLane
+    from workers.runtime.connection import connect
 
     async def cancel() -> None:
         client = connect(url)

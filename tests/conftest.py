@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from voicebus.redis_server import EmbeddedRedis
-from workers.runtime.bus import connect_sync
+from workers.runtime.connection import connect_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 

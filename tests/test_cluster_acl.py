@@ -25,7 +25,7 @@ from tests.conftest import ROOT, WorkerProcs, wait_for
 from tests.test_session_worker import echoed, send_frames, start_sessions
 from voicebus.redis_cluster import LocalRedisCluster
 from voicebus.redis_server import find_redis_server
-from workers.runtime.bus import connect_sync
+from workers.runtime.connection import connect_sync
 from workers.runtime.keys import Keys
 
 ACL = ROOT / "deploy" / "redis-users.acl"

@@ -39,7 +39,8 @@ from tests.test_session_worker import (  # noqa: F401
 from voicebus.redis_cluster import LocalRedisCluster
 from voicebus.supervisor import Supervisor
 from workers.config import LlmConfig
-from workers.runtime.bus import FIELD, connect_sync
+from workers.runtime.bus import FIELD
+from workers.runtime.connection import connect_sync
 from workers.runtime.keys import Keys
 
 

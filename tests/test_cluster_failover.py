@@ -19,7 +19,7 @@ from tests.test_job_worker import turn
 from voicebus.redis_cluster import LocalRedisCluster
 from voicebus.supervisor import Supervisor
 from workers.config import LlmConfig
-from workers.runtime.bus import connect_sync
+from workers.runtime.connection import connect_sync
 from workers.runtime.keys import Keys
 
 

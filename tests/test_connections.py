@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from workers.runtime.bus import connect
+from workers.runtime.connection import connect
 
 
 async def test_cancelled_commands_never_leak_replies(redis_url: str, prefix: str) -> None:

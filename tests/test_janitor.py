@@ -7,7 +7,9 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
+from schemas import AudioChunk
 from workers.runtime import janitor
+from workers.runtime.bus import Bus
 from workers.runtime.keys import Keys
 
 
@@ -97,3 +99,43 @@ async def test_the_work_of_a_consumer_without_heartbeat_is_taken_once(client, pr
     assert await janitor.claim_from(client, stream, "tts", "peer", "me", 10,
                                     min_idle_ms=50) == []
     assert await janitor.dead_holders(client, keys, stream, "tts", "me") == []
+
+
+def _audio(session: str, turn: str, seq: int) -> AudioChunk:
+    """Half a second of reply audio (24 kHz PCM16): each entry is bigger than a stream
+    node (4 KB), so trimming removes exactly the entries that are too old."""
+    return AudioChunk(session_id=session, turn_id=turn, seq=seq, sample_rate=24_000,
+                      pcm=b"\x01\x00" * 12_000)
+
+
+async def test_a_sessions_out_stream_keeps_only_its_recent_past(client, prefix) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(prefix)
+    bus = Bus(client, keys, out_keep_ms=400)
+    out, queue = keys.out("s1"), keys.queue("tts")
+    # The emit path (a worker's output, written once while the input is its own)...
+    source = keys.queue("llm")
+    await client.xgroup_create(source, "tts", id="0", mkstream=True)
+    job = await client.xadd(source, {"e": b"job"})
+    await client.xreadgroup("tts", "w1", {source: ">"})
+    old = [await bus.emit(source, "tts", "w1", job.decode(), i, out, _audio("s1", "t1", i))
+           for i in range(3)]
+    # ... and the plain one (the gateway's).
+    old.append(await bus.publish(out, _audio("s1", "t1", 3)))
+    for i in range(3):
+        await bus.publish(queue, _audio("s1", "t1", i))
+    await asyncio.sleep(0.5)
+    emitted = await bus.emit(source, "tts", "w1", job.decode(), 10, out, _audio("s1", "t2", 0))
+    assert [i.decode() for i, _ in await client.xrange(out)] == [emitted]
+    await asyncio.sleep(0.5)
+    published = await bus.publish(out, _audio("s1", "t2", 1))
+    assert [i.decode() for i, _ in await client.xrange(out)] == [published]
+    assert await client.xlen(queue) == 3  # only a session's out stream is cut by age
+    assert all(old)
+
+    unbounded = Bus(client, keys)  # out_keep_ms 0: only maxlen.out bounds it
+    other = keys.out("s2")
+    for i in range(3):
+        await unbounded.publish(other, _audio("s2", "t1", i))
+    await asyncio.sleep(0.1)
+    await unbounded.publish(other, _audio("s2", "t1", 3))
+    assert await client.xlen(other) == 4

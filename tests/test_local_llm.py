@@ -162,7 +162,7 @@ def test_the_longest_prompt_and_reply_fit_the_servers_context(
 
     from workers.config import Config
     from workers.llm.memory import ConversationMemory
-    from workers.runtime.bus import connect
+    from workers.runtime.connection import connect
 
     config = Config()
     model = llama_cpp.Llama(str(gguf_path(config.llm)), vocab_only=True, verbose=False)

@@ -16,7 +16,7 @@ from workers.llm.memory import (
     ConversationMemory,
     prompt_tokens,
 )
-from workers.runtime.bus import connect
+from workers.runtime.connection import connect
 
 SYSTEM = "You are a helpful voice assistant."
 

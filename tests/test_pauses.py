@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workers.config import AdaptiveConfig
-from workers.runtime.bus import connect
+from workers.runtime.connection import connect
 from workers.runtime.keys import Keys
 from workers.vad.pauses import PauseProfile, allowance
 

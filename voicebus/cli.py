@@ -174,7 +174,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     from redis.exceptions import RedisError
 
     from voicebus.status import collect, render
-    from workers.runtime.bus import connect
+    from workers.runtime.connection import connect
     from workers.runtime.keys import Keys
 
     if not config.redis.url:

@@ -35,7 +35,7 @@ from voicebus.local_llm import LocalLlmServer, needs_local_server
 from voicebus.redis_server import EmbeddedRedis
 from workers import stages
 from workers.config import LlmConfig
-from workers.runtime.bus import connect_sync
+from workers.runtime.connection import connect_sync
 from workers.runtime.keys import Keys
 
 log = logging.getLogger("voicebus.up")

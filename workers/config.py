@@ -1,7 +1,6 @@
-"""The configuration's schema: one validated model per section of ``config.yaml``
-(read by ``workers.config_load``: defaults < YAML file < environment). Every model
-forbids unknown keys, so a typo fails at startup instead of silently running with a
-default."""
+"""The configuration's schema: one validated model per section of ``config.yaml`` (read
+by ``workers.config_load``: defaults < YAML file < environment). Every model forbids
+unknown keys, so a typo fails at startup instead of running with a default."""
 
 from typing import Annotated, Literal, Self
 
@@ -294,6 +293,7 @@ class RedisConfig(_Section):
     max_event_bytes: Annotated[int, Field(ge=1024)] = 4194304
     consumer_gc_idle_s: PositiveFloat = 600.0  # idle consumers with nothing pending are deleted
     session_ttl_s: PositiveInt = 3600
+    out_keep_s: NonNegativeFloat = 120.0  # of a session's out stream, trimmed at each write; 0: off
     queue_shards: PositiveInt = 1  # streams per job stage, a session's jobs on one (Keys.job_queue)
     maxlen: MaxLenConfig = Field(default_factory=MaxLenConfig)
 

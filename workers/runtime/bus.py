@@ -20,21 +20,20 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import DeadLetter, Event, SchemaError, decode, encode
+from workers.runtime.connection import is_cluster
 from workers.runtime.keys import Keys, StreamKind
 
 FIELD = b"e"  # the one field of every entry: the encoded event
@@ -51,7 +50,8 @@ return 0
 """
 
 # KEYS: dedup hash, output stream[, input stream]; ARGV: ordinal, maxlen, payload, dedup
-# TTL ms, session stream TTL ms, group, input entry id, consumer, delivery.
+# TTL ms, session stream TTL ms, group, input entry id, consumer, delivery, trim-before id
+# ('0': none; ``Bus.trim_before``).
 # Fencing, so that a worker frozen past its lease, whose entry a peer took over (and
 # maybe acked), cannot write its outputs again when it wakes up (returns 0 then):
 # * with the input stream (one Redis: every key is on it) the output is written only
@@ -76,6 +76,7 @@ end
 if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return false end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
+if ARGV[10] ~= '0' then redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[10]) end
 if tonumber(ARGV[5]) > 0 and redis.call('PTTL', KEYS[2]) == -1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
@@ -128,63 +129,6 @@ return kept
 # On a cluster, how long an acked entry's dedup hashes stay as its fence (``ack_many``):
 # far longer than any stall between a worker's last ownership check and its write.
 FENCE_AFTER_ACK_MS = 120_000
-
-# Connections one client opens at most. Commands beyond that wait for a free one
-# (a session-affine worker acks hundreds of sessions at once) instead of failing,
-# which would look like an outage.
-MAX_CONNECTIONS = 32
-
-
-CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.startswith(CLUSTER_SCHEMES)
-
-
-def connect(url: str, *, blocking_ms: int = 0) -> aioredis.Redis:
-    """A client with no hidden retries: our loops retry with back-off themselves.
-
-    A client used for blocking reads gets a socket timeout longer than the block.
-    redis-py drops (never reuses) a connection whose command was cancelled, so a
-    cancelled read cannot leave a stray reply for the next command.
-
-    ``redis+cluster://host:port`` (any node) gives a Redis Cluster client. It follows
-    MOVED/ASK and, after a master failover, re-reads the slot map. It has the same
-    command methods, and a ``pool`` per node; it is typed as ``Redis`` here because
-    the runtime uses only what both have (``is_cluster`` tells which one it is).
-    """
-    timeouts: dict[str, Any] = {"socket_timeout": 5.0 + blocking_ms / 1000,
-                                "socket_connect_timeout": 2.0}
-    if is_cluster_url(url):
-        cluster = RedisCluster.from_url(
-            url.replace("+cluster", "", 1), max_connections=MAX_CONNECTIONS,
-            decode_responses=False, **timeouts)
-        return cast(aioredis.Redis, cluster)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=MAX_CONNECTIONS,
-        timeout=30,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=False,
-        health_check_interval=0,
-        **timeouts,
-    )
-    return aioredis.Redis.from_pool(pool)
-
-
-def connect_sync(url: str, **options: Any) -> redis.Redis:
-    """A blocking client (probes, the supervisor, tests, benches): a cluster one for
-    ``redis+cluster://``, typed as ``Redis`` as in ``connect``."""
-    if is_cluster_url(url):
-        return cast(redis.Redis, redis.RedisCluster.from_url(
-            url.replace("+cluster", "", 1), **options))
-    return redis.Redis.from_url(url, **options)
-
-
-def is_cluster(client: aioredis.Redis) -> bool:
-    return isinstance(client, RedisCluster)
-
 
 Entry = tuple[str, dict[bytes, bytes]]
 Replies = list[tuple[str, list[Entry]]]
@@ -280,6 +224,7 @@ class Bus:
     maxlen: dict[str, int] = field(default_factory=dict)
     dedup_ttl_ms: int = 3_600_000
     session_stream_ttl_ms: int = 7_200_000  # a session's streams, from their creation
+    out_keep_ms: int = 0  # how much of a session's out stream is kept (redis.out_keep_s)
 
     def __post_init__(self) -> None:
         self._emit = self.redis.register_script(_EMIT)
@@ -292,11 +237,33 @@ class Bus:
         kind: StreamKind | None = self.keys.kind(stream)
         return self.maxlen.get(kind or "queue", 10_000)
 
+    def trim_before(self, stream: str) -> str:
+        """The id below which a write to ``stream`` trims it: on a session's out stream,
+        entries older than ``out_keep_ms`` ('0' elsewhere, or when it is 0).
+
+        The out stream carries the reply audio, which the device has had long before
+        (the gateway reads it as it comes); kept to ``maxlen.out`` entries it grows with
+        the session, to tens of MB in an hour. What is read back is recent: the open turn
+        of a VAD takeover (a turn is at most ``vad.max_turn_duration``), the reply of an
+        LLM resume. The id's time is this process's clock against Redis's, so a skew of
+        seconds moves the cut by as much."""
+        if self.out_keep_ms and self.keys.kind(stream) == "out":
+            return str(max(0, time.time_ns() // 1_000_000 - self.out_keep_ms))
+        return "0"
+
     async def publish(self, stream: str, event: Event) -> str:
         """Append an event (not on behalf of an input entry: no dedup)."""
-        entry_id = await self.redis.xadd(
-            stream, {FIELD: encode(event)}, maxlen=self.maxlen_for(stream), approximate=True
-        )
+        trim_before = self.trim_before(stream)
+        if trim_before == "0":
+            entry_id = await self.redis.xadd(
+                stream, {FIELD: encode(event)}, maxlen=self.maxlen_for(stream),
+                approximate=True)
+            return as_str(entry_id)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one slot: one node
+            pipe.xadd(stream, {FIELD: encode(event)}, maxlen=self.maxlen_for(stream),
+                      approximate=True)
+            pipe.xtrim(stream, minid=trim_before, approximate=True)
+            entry_id, _ = await pipe.execute()
         return as_str(entry_id)
 
     @property
@@ -317,7 +284,7 @@ class Bus:
             keys=keys,
             args=[ordinal, self.maxlen_for(stream), encode(event), self.dedup_ttl_ms,
                   self.session_stream_ttl_ms if in_session else 0, group, entry_id, consumer,
-                  delivery],
+                  delivery, self.trim_before(stream)],
         )
         if result == 0:
             raise LeaseLost(f"{entry_id} on {source} is no longer {consumer}'s")

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 from schemas import Event, SchemaError, SessionEnded, SessionStarted, decode
 from workers.observability.logs import log_context
 from workers.runtime.ack_batch import AckBatcher
-from workers.runtime.bus import FIELD, as_str, is_cluster, read_group
+from workers.runtime.bus import FIELD, as_str, read_group
+from workers.runtime.connection import is_cluster
 from workers.runtime.contract import Context, Emit, RuntimeSettings
 from workers.runtime.handling import IO_ERRORS
 from workers.runtime.keys import slot_tag

@@ -34,8 +34,9 @@ from typing import Any, TypeVar
 from redis.exceptions import ResponseError
 
 from workers.runtime import janitor
-from workers.runtime.bus import Bus, connect, consumer_name
+from workers.runtime.bus import Bus, consumer_name
 from workers.runtime.cancel import CancelLane
+from workers.runtime.connection import connect
 from workers.runtime.contract import RuntimeSettings
 from workers.runtime.handling import IO_ERRORS, EntryHandling
 from workers.runtime.keys import Keys
@@ -62,7 +63,8 @@ class Worker(EntryHandling):
         self.reader = connect(settings.url, blocking_ms=settings.redis.block_ms)
         self._control_reader = connect(settings.url, blocking_ms=settings.redis.block_ms)
         self.bus = Bus(self.redis, self.keys, settings.redis.maxlen.model_dump(),
-                       session_stream_ttl_ms=settings.session_streams_ttl_s * 1000)
+                       session_stream_ttl_ms=settings.session_streams_ttl_s * 1000,
+                       out_keep_ms=int(settings.redis.out_keep_s * 1000))
         # Leases and reclaiming get their own connections: a heartbeat must never
         # queue behind hundreds of sessions' acks, or peers would think us dead.
         self._lease_client = connect(settings.url)

@@ -25,7 +25,7 @@ import sys
 import redis
 
 from workers.config_load import load_config
-from workers.runtime.bus import connect_sync
+from workers.runtime.connection import connect_sync
 from workers.runtime.keys import Keys
 
 STAGES = ("vad", "asr", "llm", "tts")
