@@ -1,16 +1,20 @@
 """How many live sessions one worker of a job stage holds, on the cores its pod requests.
 
-    python -m bench.stage_capacity [--stages asr tts] [--sessions 1 5 10 20 30 40]
+    python -m bench.stage_capacity [--stages asr tts llm] [--sessions 5 10 20 30 40]
                                    [--seconds 45] [--out bench/results/stage_capacity.json]
 
 One real worker (``voicebus worker STAGE``, the configured models) pinned to the cores
-``deploy/k8s`` requests for it (ASR 2, TTS 1; ``--cores`` changes that), on a private
-Redis. For each session count N, N sessions send it their turns' jobs at random
-(Poisson) times, at the rate of the busy conversation ``bench/footprint.py`` measured
-(4.1 turns per session-minute), for ``--seconds``:
+``deploy/k8s`` requests for it (ASR 2, TTS 1, and for ``llm`` the local LLM server's 2,
+which serves the worker; ``--cores`` changes that), on a private Redis. For each session
+count N, N sessions send it their turns' jobs at random (Poisson) times, at the rate of
+the busy conversation ``bench/footprint.py`` measured (4.1 turns per session-minute),
+for ``--seconds``:
 
 * **asr**: a ``TurnEnded`` with a real utterance of the benchmark corpus
   (``bench/speech_corpus.py``); done when its ``Transcript`` is written.
+* **llm**: a ``Transcript`` of what a corpus speaker said, each session its own user
+  whose memory grows over the round; first text when the first ``TextChunk`` is
+  written, done at the last. The local llama.cpp server answers one request at a time.
 * **tts**: a reply as the LLM stage sends it (one ``TextChunk`` per sentence, all at
   once: the LLM types faster than TTS speaks), from a fixed set of 12 replies of 1-3
   sentences; first audio when its first ``AudioChunk`` is written, done at the last.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -47,13 +52,15 @@ from bench.measure import busy_cores_before_start, proc_cpu_s
 from bench.speech_corpus import load_corpus
 from schemas import AudioChunk, Event, TextChunk, Transcript, TurnEnded
 from schemas.codec import decode, encode
+from voicebus.local_llm import LocalLlmServer
 from voicebus.redis_server import EmbeddedRedis
-from workers.runtime.bus import FIELD
+from workers.config_load import load_config
+from workers.runtime.bus import FIELD, read
 from workers.runtime.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 TURNS_PER_MINUTE = 4.1  # bench/footprint.py's busy conversation (deploy/SCALING.md)
-POD_CORES = {"asr": 2, "tts": 1}
+POD_CORES = {"asr": 2, "tts": 1, "llm": 2}  # llm: the LLM server's; the worker only waits
 BASELINE_JOBS = 20  # deploy/k8s/base: the CPU each pod requests
 REPLIES = [  # what the local LLM says, in length and shape: 1-3 sentences
     "Sure. I can help with that.",
@@ -93,23 +100,30 @@ class Round:
                 return
 
 
-def utterances(limit: int = 60) -> list[tuple[bytes, int, int]]:
-    """(PCM16, speech start ms, speech end ms) of real corpus turns."""
+Speech = tuple[bytes, int, int, str]  # PCM16, speech start ms, end ms, what was said
+
+
+def utterances(limit: int = 60) -> list[Speech]:
+    """Real corpus turns, and their reference text."""
     turns, _ = load_corpus()
     random.Random(15).shuffle(turns)
     out = []
     for turn in turns[:limit]:
         pcm = (np.clip(turn.audio, -1, 1) * 32767).astype("<i2").tobytes()
-        out.append((pcm, int(turn.speech_start_s * 1000), int(turn.speech_end_s * 1000)))
+        out.append((pcm, int(turn.speech_start_s * 1000), int(turn.speech_end_s * 1000),
+                    turn.text))
     return out
 
 
 def jobs_for(stage: str, sid: str, tid: str, rng: random.Random,
-             speech: list[tuple[bytes, int, int]]) -> list[Event]:
+             speech: list[Speech]) -> list[Event]:
     if stage == "asr":
-        pcm, start, end = rng.choice(speech)
+        pcm, start, end, _ = rng.choice(speech)
         return [TurnEnded(session_id=sid, turn_id=tid, sample_rate=16000, audio=pcm,
                           speech_start_ms=start, speech_end_ms=end, decided_ms=end + 300)]
+    if stage == "llm":
+        return [Transcript(session_id=sid, turn_id=tid, text=rng.choice(speech)[3],
+                           user_id=sid)]
     sentences = [s.strip() + "." for s in rng.choice(REPLIES).split(".") if s.strip()]
     return [TextChunk(session_id=sid, turn_id=tid, seq=i, text=text,
                       last=i == len(sentences) - 1) for i, text in enumerate(sentences)]
@@ -118,17 +132,23 @@ def jobs_for(stage: str, sid: str, tid: str, rng: random.Random,
 async def collect(r: aioredis.Redis, stage: str, keys: Keys, sids: list[str],
                   rnd: Round, stop: asyncio.Event) -> None:
     """Read the stage's outputs and note when each turn's first and last were made."""
-    streams = {keys.queue("llm"): "$"} if stage == "asr" else {keys.out(s): "$" for s in sids}
+    outputs = {"asr": [keys.queue("llm")], "llm": [keys.queue("tts")],
+               "tts": [keys.out(s) for s in sids]}
+    streams = dict.fromkeys(outputs[stage], "$")
     while not stop.is_set():
-        reply = await r.xread(streams, block=200)  # type: ignore[arg-type]
-        for stream, entries in reply or []:
+        for stream, entries in await read(r, streams, 100, 200):
             for entry_id, fields in entries:
-                streams[stream.decode()] = entry_id
+                streams[stream] = entry_id
                 event = decode(fields[FIELD])
                 if isinstance(event, Transcript):
                     rnd.first.setdefault(event.turn_id, event.created_ns)
                     rnd.done[event.turn_id] = event.created_ns
                     rnd.finished.set()
+                elif isinstance(event, TextChunk):
+                    rnd.first.setdefault(event.turn_id, event.created_ns)
+                    if event.last:
+                        rnd.done[event.turn_id] = event.created_ns
+                        rnd.finished.set()
                 elif isinstance(event, AudioChunk):
                     rnd.first.setdefault(event.turn_id, event.created_ns)
                     if event.last:
@@ -137,7 +157,7 @@ async def collect(r: aioredis.Redis, stage: str, keys: Keys, sids: list[str],
 
 
 async def run_round(url: str, stage: str, keys: Keys, sessions: int, seconds: float,
-                    pid: int, speech: list[tuple[bytes, int, int]], seed: int,
+                    pid: int, speech: list[Speech], seed: int,
                     one_at_a_time: int = 0) -> Round:
     r = aioredis.from_url(url)
     rng = random.Random(seed)
@@ -202,11 +222,10 @@ def holds(rows: list[dict[str, Any]]) -> int:
     return held
 
 
-def start_worker(url: str, prefix: str, stage: str, cores: int,
-                 log: Path) -> subprocess.Popen[bytes]:
-    cpus = sorted(os.sched_getaffinity(0))[:cores]
+def start_worker(url: str, prefix: str, stage: str, cpus: list[int], log: Path,
+                 **settings: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "REDIS_URL": url, "VOICEBUS_REDIS__KEY_PREFIX": prefix,
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **settings}
     out = open(log, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "voicebus", "worker", stage], cwd=ROOT,
                             env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -220,25 +239,35 @@ def start_worker(url: str, prefix: str, stage: str, cores: int,
 
 
 def measure_stage(url: str, stage: str, args: argparse.Namespace,
-                  speech: list[tuple[bytes, int, int]], tmp: Path) -> dict[str, Any]:
+                  speech: list[Speech], tmp: Path) -> dict[str, Any]:
     prefix = f"cap{secrets.token_hex(3)}"
     keys = Keys(prefix)
     cores = args.cores or POD_CORES[stage]
-    worker = start_worker(url, prefix, stage, cores, tmp / f"{stage}.log")
-    try:
-        asyncio.run(run_round(url, stage, keys, 1, 0, worker.pid, speech, 0, 3))  # warm up
+    cpus = sorted(os.sched_getaffinity(0))[:cores]
+    with contextlib.ExitStack() as stack:
+        settings = {}
+        if stage == "llm":  # the server does the work: it is pinned, and its CPU counted
+            llm = load_config().llm
+            server = stack.enter_context(LocalLlmServer(
+                llm.model_copy(update={"local": llm.local.model_copy(update={"port": 0})})))
+            assert server.pid is not None
+            os.sched_setaffinity(server.pid, cpus)
+            settings["VOICEBUS_LLM__BASE_URL"] = server.url
+        worker = start_worker(url, prefix, stage, cpus, tmp / f"{stage}.log", **settings)
+        stack.callback(worker.wait, timeout=30)
+        stack.callback(worker.terminate)
+        busy = server.pid if stage == "llm" else worker.pid
+        assert busy is not None
+        asyncio.run(run_round(url, stage, keys, 1, 0, busy, speech, 0, 3))  # warm up
         print(f"{stage}: baseline, {BASELINE_JOBS} jobs one at a time ...", flush=True)
-        rows = [summarize(asyncio.run(run_round(url, stage, keys, 1, 0, worker.pid, speech,
+        rows = [summarize(asyncio.run(run_round(url, stage, keys, 1, 0, busy, speech,
                                                 1, one_at_a_time=BASELINE_JOBS)))]
         rows[0]["sessions"] = 0
         for n in args.sessions:
             print(f"{stage}: {n} sessions, {args.seconds:.0f} s ...", flush=True)
-            rnd = asyncio.run(run_round(url, stage, keys, n, args.seconds, worker.pid,
-                                        speech, seed=n))
+            rnd = asyncio.run(run_round(url, stage, keys, n, args.seconds, busy, speech,
+                                        seed=n))
             rows.append(summarize(rnd))
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
     return {"stage": stage, "cores": cores, "rows": rows, "holds_sessions": holds(rows)}
 
 
@@ -266,7 +295,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/stage_capacity.json")
     args = parser.parse_args()
     idle = busy_cores_before_start()
-    speech = utterances() if "asr" in args.stages else []
+    speech = utterances() if {"asr", "llm"} & set(args.stages) else []
     results = []
     with EmbeddedRedis() as server, tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:

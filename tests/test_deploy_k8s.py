@@ -150,10 +150,6 @@ def acl_users(text: str) -> dict[str, tuple[str, str]]:
     return users
 
 
-def stage_stream(keys: Keys, stage: str) -> str:
-    return keys.sessions() if stages.REGISTRY[stage].kind == "session" else keys.queue(stage)
-
-
 def stage_slots(config: Config, stage: str) -> int:
     """Jobs one process of a job stage takes at once (JobWorker.free)."""
     return config.asr.concurrency if stage == "asr" else config.worker.concurrency

@@ -6,7 +6,8 @@ Writes that must not be half-done are Lua scripts (atomic in Redis):
   is still the writer's (fencing). The output's ordinal within that entry's
   handling is recorded in a small dedup hash, so when the entry is handled again
   (a retry, or a peer reclaiming it after a crash) the outputs already written are
-  not written twice.
+  not written twice. A write to a session's out stream also trims what is older than
+  ``out_keep_ms`` there (``Bus.trim_before``).
 * ``ack``: acknowledge entries and drop their dedup hashes in one step.
 * ``dead_letter``: record the entry on the dead-letter stream and ack it.
 * ``renew``: re-claim our own in-flight entries (a lease), but only those still
