@@ -36,6 +36,20 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
+def peak_rss_mb(pid: int | None) -> float | None:
+    """The most resident memory a process has had since it started (VmHWM), MiB."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
 def machine_cpu() -> tuple[int, int]:
     """(busy, total) jiffies over all cores, from /proc/stat."""
     with open("/proc/stat") as f:

@@ -3,7 +3,8 @@
 
     python -m bench.pipeline_latency [--runs 3] [--concurrency 1 2 3 | --no-concurrency]
                                      [--concurrency-runs 2] [--vad-sessions 10 25 50 100]
-                                     [--vad-reps 2] [--no-vad] [--quick] [--seed 1]
+                                     [--vad-reps 2] [--no-vad | --vad-only] [--quick]
+                                     [--seed 1]
                                      [--out bench/results/pipeline_latency.json]
 
 1. **bus**: ``Supervisor`` (embedded Redis, the local LLM, one process per stage, the
@@ -60,7 +61,13 @@ from typing import Any
 import numpy as np
 
 from bench.busmic import Microphone
-from bench.measure import busy_cores_before_start, machine_cpu, proc_cpu_s
+from bench.measure import (
+    busy_cores_before_start,
+    machine_cpu,
+    peak_rss_mb,
+    proc_cpu_s,
+    rss_mb,
+)
 from edge.auth import mint
 from edge.client import ClientError, talk_wavs
 from schemas import AudioFrame, Event, TurnEnded, decode
@@ -527,6 +534,7 @@ async def vad_round(url: str, prefix: str, n: int, reps: int, clips: list[np.nda
     b1, t1 = machine_cpu()
     cpu = {k: None if (p := proc_cpu_s(pid)) is None or cpu0[k] is None
            else round((p - cpu0[k]) / wall, 2) for k, pid in pids.items()}
+    rss_at_end = rss_mb(pids["vad_worker"])  # every session still live
     cpu["publisher"] = round((sum(os.times()[:2]) - self0) / wall, 2)
     cpu["machine"] = round((b1 - b0) / max(1, t1 - t0) * (os.cpu_count() or 1), 2)
     cpu["other"] = round(max(0.0, cpu["machine"] - sum(
@@ -564,6 +572,7 @@ async def vad_round(url: str, prefix: str, n: int, reps: int, clips: list[np.nda
             "lag_by_rule_ms": {k: summary(v) for k, v in sorted(by_rule.items())},
             "decision_lag_ms": summary(decision), "processing_lag_ms": summary(processing),
             "publisher_lag_ms": summary(publisher), "cpu_cores": cpu,
+            "vad_rss_mb": rss_at_end, "vad_rss_peak_mb": peak_rss_mb(pids["vad_worker"]),
             "frames_sent": sum(len(v) for v in bus.frames.values()),
             "drain_s": round(drain_s, 1), "turn_list": found}
 
@@ -614,7 +623,9 @@ def vad_path(counts: list[int], reps: int, out: Path, seed: int) -> list[dict[st
                 print(f"  {result['turns']} turns; decision lag p50 {d['p50']} p95 {d['p95']} "
                       f"max {d['max']} ms; behind real time at the decision p95 {p['p95']} "
                       f"max {p['max']} ms; cpu {result['cpu_cores']}; caught up "
-                      f"{result['drain_s']} s after the last frame", flush=True)
+                      f"{result['drain_s']} s after the last frame; worker RSS "
+                      f"{result['vad_rss_mb']} MiB (peak so far {result['vad_rss_peak_mb']})",
+                      flush=True)
                 rounds.append(result)
         finally:
             processes.stop(worker, grace_s=30)
@@ -793,6 +804,8 @@ def main() -> int:
     parser.add_argument("--vad-sessions", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--vad-reps", type=int, default=2)
     parser.add_argument("--no-vad", action="store_true", help="skip the VAD-path rounds")
+    parser.add_argument("--vad-only", action="store_true",
+                        help="only the VAD-path rounds (its lag, CPU and memory per N)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1 run, concurrency 1 2 (1 round), VAD 10 50 (1 rep)")
     parser.add_argument("--seed", type=int, default=1)
@@ -801,6 +814,12 @@ def main() -> int:
     if args.quick:
         args.runs, args.concurrency, args.concurrency_runs = 1, [1, 2], 1
         args.vad_sessions, args.vad_reps = [10, 50], 1
+    if args.vad_only:
+        rounds = vad_path(sorted({1, *args.vad_sessions}), args.vad_reps, args.out, args.seed)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"benchmark": "pipeline_latency", "vad_path": {
+            "rounds": rounds, **vad_verdict(rounds)}}, indent=1, default=str) + "\n")
+        return 0
     concurrency = [] if args.no_concurrency else sorted(set(args.concurrency))
     vad_counts = [] if args.no_vad else sorted({1, *args.vad_sessions})
     args.out.parent.mkdir(parents=True, exist_ok=True)
