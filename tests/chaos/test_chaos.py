@@ -56,8 +56,11 @@ def _logs(chaos: Chaos) -> str:
     return "\n".join(tails)
 
 
+# rolling-restart: every worker gets SIGTERM in turn and is replaced while a conversation
+# runs, as a Kubernetes rolling update does to each Deployment (deploy/k8s/README.md).
 @pytest.mark.parametrize("scenario", ["kill-vad", "kill-asr", "kill-llm", "kill-tts",
-                                      "sigstop-llm", "poison", "disconnects"])
+                                      "sigstop-llm", "poison", "disconnects",
+                                      "rolling-restart"])
 def test_a_fault_in_a_turn_loses_and_duplicates_nothing(chaos: Chaos, scenario: str) -> None:
     # A fault that struck after the work was done proves nothing: up to 2 more turns.
     verdict = run_scenario(chaos, scenario, 1, CLAIM_IDLE_MS, retries=2)
