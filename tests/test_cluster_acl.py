@@ -29,7 +29,7 @@ from workers.runtime.connection import connect_sync
 from workers.runtime.keys import Keys
 
 ACL = ROOT / "deploy" / "redis-users.acl"
-PROBE = ROOT / "deploy" / "k8s" / "base" / "probe.py"
+K8S_CONFIG = ROOT / "deploy" / "k8s" / "base" / "config.yaml"
 
 
 def redis_servers() -> list[str]:
@@ -58,10 +58,11 @@ def as_user(cluster: LocalRedisCluster, user: str) -> str:
 
 
 def probe(mode: str, stage: str, url: str) -> subprocess.CompletedProcess[str]:
+    """``voicebus probe``, as a pod runs it, with the k8s base's config file."""
     return subprocess.run(
-        [sys.executable, str(PROBE), mode, stage], capture_output=True, text=True,
-        timeout=30, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": url,
-                                   "VOICEBUS_CONFIG": str(PROBE.parent / "config.yaml")})
+        [sys.executable, "-m", "voicebus", "probe", mode, stage], capture_output=True,
+        text=True, timeout=30, cwd=ROOT, env={**os.environ, "REDIS_URL": url,
+                                              "VOICEBUS_CONFIG": str(K8S_CONFIG)})
 
 
 @pytest.mark.bus

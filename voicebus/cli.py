@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("redis", help="run a private redis-server and print its URL, until Ctrl-C")
     sub.add_parser("config", help="print the effective configuration")
+    pr = sub.add_parser("probe", help="Kubernetes readiness/liveness: exit 0 when this host's "
+                                      "STAGE worker is in its group (ready) or not stuck (live)")
+    pr.add_argument("mode", choices=["ready", "live"])
+    pr.add_argument("stage", choices=[*stages.NAMES, "gateway"])
     return p
 
 
@@ -315,6 +319,13 @@ def cmd_llm_server(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace, config: Config) -> int:
+    from voicebus.probe import probe
+
+    return probe(args.mode, args.stage, config)
+
+
 COMMANDS = {"llm-server": cmd_llm_server, "trace": cmd_trace, "gateway": cmd_gateway,
             "worker": cmd_worker, "status": cmd_status, "up": cmd_up, "demo": cmd_demo,
-            "redis": cmd_redis, "config": cmd_config, "token": cmd_token, "talk": cmd_talk}
+            "redis": cmd_redis, "config": cmd_config, "token": cmd_token, "talk": cmd_talk,
+            "probe": cmd_probe}

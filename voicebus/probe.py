@@ -1,6 +1,5 @@
-"""Kubernetes probes for voicebus pods (mounted from a ConfigMap; see deploy/k8s/README.md).
-
-    python /etc/voicebus/probe/probe.py ready|live vad|asr|llm|tts|gateway
+"""``voicebus probe ready|live STAGE``: Kubernetes readiness and liveness for a pod
+(``deploy/k8s/README.md``). Exit code 0: healthy; 1: not.
 
 ready (readiness and startup): Redis answers, and a consumer of this pod (named
 ``<stage>-<hostname>-<pid>-<random>``, the runtime's ``consumer_name``) is in the stage's
@@ -13,8 +12,7 @@ group: the process is up but its loops are stuck. Redis unreachable is not the p
 fault (workers ride out an outage by themselves), so it passes.
 
 Key and group names come from the code (``workers.runtime.keys.Keys``, group = stage
-name), the Redis URL and prefix from the same configuration the worker loads
-(``VOICEBUS_CONFIG``, ``REDIS_URL``). Exit code 0: healthy; 1: not; 2: usage.
+name), the Redis URL and prefix from the same configuration the worker loads.
 """
 
 from __future__ import annotations
@@ -24,11 +22,9 @@ import sys
 
 import redis
 
-from workers.config_load import load_config
+from workers.config import Config
 from workers.runtime.connection import connect_sync
 from workers.runtime.keys import Keys
-
-STAGES = ("vad", "asr", "llm", "tts")
 
 
 def stream_of(keys: Keys, stage: str) -> str:
@@ -56,16 +52,19 @@ def port_open(port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("ready", "live") or argv[1] not in (*STAGES, "gateway"):
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
-        return 2
-    mode, stage = argv
-    config = load_config()
+def probe(mode: str, stage: str, config: Config) -> int:
+    """``mode`` ready or live, ``stage`` a stage's name or gateway: 0 healthy, 1 not."""
     if not config.redis.url:
         print("probe: REDIS_URL is not set", file=sys.stderr)
         return 1
     client = connect_sync(config.redis.url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        return _check(client, mode, stage, config)
+    finally:
+        client.close()
+
+
+def _check(client: redis.Redis, mode: str, stage: str, config: Config) -> int:
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:
@@ -83,7 +82,3 @@ def main(argv: list[str]) -> int:
               f"{stream_of(keys, stage)}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
