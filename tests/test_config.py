@@ -263,3 +263,14 @@ def test_a_context_too_small_for_the_reply_is_refused() -> None:
         load_config(env={"VOICEBUS_LLM__LOCAL__N_CTX": "512"})
     with pytest.raises(ConfigError, match="trim_block must be"):
         load_config(env={"VOICEBUS_CONTEXT_WINDOW__TRIM_BLOCK": "60"})
+
+
+def test_the_out_stream_must_outlast_a_turn() -> None:
+    """A VAD that takes a session over reads the open turn back from the out stream,
+    so the stream must keep at least the longest turn (or everything: 0)."""
+    with pytest.raises(ConfigError, match="out_keep_s must be 0 or above"):
+        load_config(env={"VOICEBUS_REDIS__OUT_KEEP_S": "30"})
+    with pytest.raises(ConfigError, match="out_keep_s must be 0 or above"):
+        load_config(env={"VOICEBUS_VAD__FALLBACK__MAX_TURN_DURATION": "300"})
+    assert load_config(env={"VOICEBUS_REDIS__OUT_KEEP_S": "0"}).redis.out_keep_s == 0
+    assert load_config(env={}).redis.out_keep_s > load_config(env={}).vad.fallback.max_turn_duration

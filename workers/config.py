@@ -116,12 +116,9 @@ class AdaptiveConfig(_Section):
     """Per-user pause lengths, learned: users who pause long mid-turn get longer waits
     before a reply plays (the commit wait, the silence timeout), within bounds."""
     enabled: bool = True
-    # Weight of each new inner pause in the user's running average (exponential).
-    adjustment_rate: Probability = 0.1
-    # The waits stretch to cover `margin` x the user's average inner pause ...
-    margin: PositiveFloat = 2.0
-    # ... but never beyond this multiple of their configured value.
-    max_stretch: Annotated[float, Field(ge=1.0, le=4.0)] = 2.0
+    adjustment_rate: Probability = 0.1  # weight of a new inner pause in the running mean
+    margin: PositiveFloat = 2.0  # the waits stretch to cover margin x the mean inner pause ...
+    max_stretch: Annotated[float, Field(ge=1.0, le=4.0)] = 2.0  # ... to at most this x theirs
     ttl_s: PositiveInt = 30 * 86400  # a user's learned pauses are forgotten after this
 
 
@@ -374,11 +371,14 @@ class Config(_Section):
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
-    def _prompt_fits(self) -> Self:
+    def _consistent(self) -> Self:
         if (budget := self.prompt_budget()) < MIN_PROMPT_TOKENS:
             raise ValueError(f"llm.local.n_ctx {self.llm.local.n_ctx} leaves {budget} tokens "
                              f"for the prompt after llm.max_tokens {self.llm.max_tokens}; "
                              f"need at least {MIN_PROMPT_TOKENS} (raise n_ctx or lower max_tokens)")
+        if 0 < self.redis.out_keep_s <= self.vad.fallback.max_turn_duration:
+            raise ValueError("redis.out_keep_s must be 0 or above vad.fallback.max_turn_duration"
+                             ": a VAD taking a session over reads its open turn back from it")
         return self
 
     def session_streams_ttl_s(self) -> int:

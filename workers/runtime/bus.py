@@ -245,7 +245,7 @@ class Bus:
         The out stream carries the reply audio, which the device has had long before
         (the gateway reads it as it comes); kept to ``maxlen.out`` entries it grows with
         the session, to tens of MB in an hour. What is read back is recent: the open turn
-        of a VAD takeover (a turn is at most ``vad.max_turn_duration``), the reply of an
+        of a VAD takeover (a turn is at most ``vad.fallback.max_turn_duration``), the reply of an
         LLM resume. The id's time is this process's clock against Redis's, so a skew of
         seconds moves the cut by as much."""
         if self.out_keep_ms and self.keys.kind(stream) == "out":
