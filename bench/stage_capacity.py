@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import random
+import re
 import secrets
 import subprocess
 import sys
@@ -60,9 +61,10 @@ from workers.runtime.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 TURNS_PER_MINUTE = 4.1  # bench/footprint.py's busy conversation (deploy/SCALING.md)
-POD_CORES = {"asr": 2, "tts": 1, "llm": 2}  # llm: the LLM server's; the worker only waits
-BASELINE_JOBS = 20  # deploy/k8s/base: the CPU each pod requests
-REPLIES = [  # what the local LLM says, in length and shape: 1-3 sentences
+# The CPU each pod of deploy/k8s/base requests (llm: the LLM server's; its worker waits).
+POD_CORES = {"asr": 2, "tts": 1, "llm": 2}
+BASELINE_JOBS = 20  # sent one at a time: the latency with nothing queued
+REPLIES = [  # shaped like the local LLM's replies: 1-3 sentences
     "Sure. I can help with that.",
     "The weather today is mild, with a light breeze in the afternoon.",
     "Your next meeting is at three o'clock. It is in the small room on the second floor.",
@@ -124,7 +126,7 @@ def jobs_for(stage: str, sid: str, tid: str, rng: random.Random,
     if stage == "llm":
         return [Transcript(session_id=sid, turn_id=tid, text=rng.choice(speech)[3],
                            user_id=sid)]
-    sentences = [s.strip() + "." for s in rng.choice(REPLIES).split(".") if s.strip()]
+    sentences = [s.strip() for s in re.findall(r"[^.?!]+[.?!]", rng.choice(REPLIES))]
     return [TextChunk(session_id=sid, turn_id=tid, seq=i, text=text,
                       last=i == len(sentences) - 1) for i, text in enumerate(sentences)]
 
