@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -56,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.worker_process import start_worker
 from tests.transcripts import wer
 from workers.backends.asr import (
     SAMPLE_RATE,
@@ -237,14 +237,8 @@ def measure_speculative(leads_ms: list[int], runs: int) -> dict[str, Any]:
         log_path = ROOT / "bench" / "results" / "asr_latency.worker.log"
         env = {**os.environ, "REDIS_URL": server.url, "VOICEBUS_REDIS__KEY_PREFIX": prefix,
                "PYTHONUNBUFFERED": "1"}
-        with log_path.open("wb") as log:
-            worker = subprocess.Popen([sys.executable, "-m", "voicebus", "worker", "asr"],
-                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        worker = start_worker("asr", env, log_path)
         try:
-            while b"started (group" not in log_path.read_bytes():
-                if worker.poll() is not None:
-                    raise RuntimeError(log_path.read_text())
-                time.sleep(0.05)
             r, keys = redis.Redis.from_url(server.url), Keys(prefix)
             queue = keys.queue("asr")
 

@@ -24,26 +24,22 @@ def proc_cpu_s(pid: int | None) -> float | None:
 
 def rss_mb(pid: int | None) -> float | None:
     """Resident memory of a process and its threads, MiB (None if gone)."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
+    return _status_mb(pid, "VmRSS:")
 
 
 def peak_rss_mb(pid: int | None) -> float | None:
     """The most resident memory a process has had since it started (VmHWM), MiB."""
+    return _status_mb(pid, "VmHWM:")
+
+
+def _status_mb(pid: int | None, field: str) -> float | None:
+    """A kB field of /proc/PID/status, in MiB (None if the process is gone)."""
     if not pid:
         return None
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         return None

@@ -48,7 +48,6 @@ import os
 import platform
 import random
 import secrets
-import subprocess
 import sys
 import time
 from collections import Counter, deque
@@ -68,6 +67,7 @@ from bench.measure import (
     proc_cpu_s,
     rss_mb,
 )
+from bench.worker_process import start_worker
 from edge.auth import mint
 from edge.client import ClientError, talk_wavs
 from schemas import AudioFrame, Event, TurnEnded, decode
@@ -598,15 +598,8 @@ def vad_path(counts: list[int], reps: int, out: Path, seed: int) -> list[dict[st
         env = {**os.environ, "REDIS_URL": server.url, "VOICEBUS_REDIS__KEY_PREFIX": prefix,
                "VOICEBUS_TRACING__LOCAL_PATH": str(out.with_suffix(".spans.jsonl")),
                "PYTHONUNBUFFERED": "1"}
-        with open(log, "w") as sink:
-            worker = subprocess.Popen([sys.executable, "-m", "voicebus", "worker", "vad"],
-                                      cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        worker = start_worker("vad", env, log, timeout_s=120)
         try:
-            deadline = time.monotonic() + 120
-            while "started (group" not in log.read_text():
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the vad worker did not start:\n{log.read_text()}")
-                time.sleep(0.1)
             pids = {"vad_worker": worker.pid,
                     "redis": server._proc.pid if server._proc is not None else None}
             rounds = []

@@ -31,13 +31,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.worker_process import start_worker
 from schemas import AudioChunk, TextChunk, Transcript, decode, encode
 from voicebus.local_llm import LocalLlmServer
 from voicebus.redis_server import EmbeddedRedis
@@ -141,18 +141,6 @@ async def in_process(url: str, cfg: LlmConfig, modes: list[str], runs: int) -> l
 
 
 # -- through the bus --------------------------------------------------------------
-def start_worker(stage: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    out = log.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "voicebus", "worker", stage], cwd=ROOT,
-                            stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 120
-    while b"started (group" not in log.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{stage} worker did not start:\n{log.read_text()}")
-        time.sleep(0.1)
-    return proc
-
-
 def through_bus(llm_url: str, modes: list[str], runs: int, logdir: Path) -> list[dict[str, Any]]:
     import redis
 

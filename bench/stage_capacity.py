@@ -38,8 +38,6 @@ import platform
 import random
 import re
 import secrets
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,11 +49,13 @@ import redis.asyncio as aioredis
 
 from bench.measure import busy_cores_before_start, proc_cpu_s
 from bench.speech_corpus import load_corpus
+from bench.worker_process import start_worker
 from schemas import AudioChunk, Event, TextChunk, Transcript, TurnEnded
 from schemas.codec import decode, encode
 from voicebus.local_llm import LocalLlmServer
 from voicebus.redis_server import EmbeddedRedis
 from workers.config_load import load_config
+from workers.observability.metrics import percentile
 from workers.runtime.bus import FIELD, read
 from workers.runtime.keys import Keys
 
@@ -199,7 +199,7 @@ async def run_round(url: str, stage: str, keys: Keys, sessions: int, seconds: fl
 
 
 def pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 1) if values else None
+    return round(percentile(values, q / 100), 1) if values else None
 
 
 def summarize(rnd: Round) -> dict[str, Any]:
@@ -224,22 +224,6 @@ def holds(rows: list[dict[str, Any]]) -> int:
     return held
 
 
-def start_worker(url: str, prefix: str, stage: str, cpus: list[int], log: Path,
-                 **settings: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "REDIS_URL": url, "VOICEBUS_REDIS__KEY_PREFIX": prefix,
-           "PYTHONUNBUFFERED": "1", **settings}
-    out = open(log, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "voicebus", "worker", stage], cwd=ROOT,
-                            env=env, stdout=out, stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
-    deadline = time.monotonic() + 180
-    while b"started (group" not in log.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{stage} worker did not start:\n{log.read_text()}")
-        time.sleep(0.1)
-    return proc
-
-
 def measure_stage(url: str, stage: str, args: argparse.Namespace,
                   speech: list[Speech], tmp: Path) -> dict[str, Any]:
     prefix = f"cap{secrets.token_hex(3)}"
@@ -255,7 +239,9 @@ def measure_stage(url: str, stage: str, args: argparse.Namespace,
             assert server.pid is not None
             os.sched_setaffinity(server.pid, cpus)
             settings["VOICEBUS_LLM__BASE_URL"] = server.url
-        worker = start_worker(url, prefix, stage, cpus, tmp / f"{stage}.log", **settings)
+        worker = start_worker(stage, {
+            **os.environ, "REDIS_URL": url, "VOICEBUS_REDIS__KEY_PREFIX": prefix,
+            "PYTHONUNBUFFERED": "1", **settings}, tmp / f"{stage}.log", cpus=cpus)
         stack.callback(worker.wait, timeout=30)
         stack.callback(worker.terminate)
         busy = server.pid if stage == "llm" else worker.pid

@@ -19,14 +19,13 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.busmic import Microphone
+from bench.worker_process import start_worker
 from schemas import TurnEnded, decode
 from voicebus.demo import default_wavs, read_wav
 from voicebus.redis_server import EmbeddedRedis
@@ -145,13 +144,7 @@ def main() -> None:
                "PYTHONUNBUFFERED": "1"}
         log = args.out.with_suffix(".worker.log")
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as sink:
-            worker = subprocess.Popen([sys.executable, "-m", "voicebus", "worker", "vad"],
-                                      env=env, stdout=sink, stderr=subprocess.STDOUT)
-        while "started (group" not in log.read_text():
-            if worker.poll() is not None:
-                raise SystemExit(f"the vad worker died:\n{log.read_text()}")
-            time.sleep(0.1)
+        worker = start_worker("vad", env, log)
         try:
             turns = asyncio.run(bus_latency(server.url, prefix, args.reps))
         finally:

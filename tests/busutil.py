@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import Iterator
 
 import redis
 
 from schemas import Event, decode, encode
+from voicebus.redis_cluster import LocalRedisCluster
 from workers.runtime.bus import FIELD
+from workers.runtime.connection import connect_sync
 from workers.runtime.keys import Keys
 
 
@@ -44,3 +48,14 @@ def cancel_turn(url: str, keys: Keys, session_id: str, turn_id: str, reason: str
             await client.aclose()
 
     asyncio.run(cancel())
+
+
+def cluster_prefix(cluster: LocalRedisCluster) -> Iterator[str]:
+    """A fresh key prefix on ``cluster`` (conftest's ``prefix``, for a cluster), its keys
+    deleted afterwards through a node still alive, whatever a failover test killed."""
+    value = f"t{uuid.uuid4().hex[:10]}"
+    yield value
+    client = connect_sync(cluster.url)
+    for key in client.scan_iter(f"{value}:*", count=1000):
+        client.delete(key)
+    client.close()

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from redis.crc import key_slot
 
+from tests.busutil import cluster_prefix
 from tests.test_job_worker import (  # noqa: F401 (collected here again, on the cluster)
     test_a_frozen_worker_that_wakes_up_cannot_write_for_a_job_a_peer_took,
     test_a_sharded_queue_keeps_each_sessions_jobs_on_one_shard_and_all_get_done,
@@ -57,13 +58,7 @@ def redis_url(cluster: LocalRedisCluster) -> str:
 
 @pytest.fixture
 def prefix(cluster: LocalRedisCluster) -> Iterator[str]:
-    """As conftest's, but cleaned up through a node still alive after a failover."""
-    value = f"t{uuid.uuid4().hex[:10]}"
-    yield value
-    client = connect_sync(cluster.url)
-    for key in client.scan_iter(f"{value}:*", count=1000):
-        client.delete(key)
-    client.close()
+    yield from cluster_prefix(cluster)
 
 
 def test_a_sessions_keys_share_a_slot_and_sessions_spread_over_the_masters(

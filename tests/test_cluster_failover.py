@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from schemas import Transcript
-from tests.busutil import pending, publish, read_all
+from tests.busutil import cluster_prefix, pending, publish, read_all
 from tests.conftest import wait_for
 from tests.test_job_worker import turn
 from voicebus.redis_cluster import LocalRedisCluster
@@ -36,13 +36,7 @@ def redis_url(cluster: LocalRedisCluster) -> str:
 
 @pytest.fixture
 def prefix(cluster: LocalRedisCluster) -> Iterator[str]:
-    """As conftest's, but cleaned up through a node still alive after the failover."""
-    value = f"t{uuid.uuid4().hex[:10]}"
-    yield value
-    client = connect_sync(cluster.url)
-    for key in client.scan_iter(f"{value}:*", count=1000):
-        client.delete(key)
-    client.close()
+    yield from cluster_prefix(cluster)
 
 
 @pytest.mark.timeout(300)

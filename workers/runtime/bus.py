@@ -245,9 +245,9 @@ class Bus:
         The out stream carries the reply audio, which the device has had long before
         (the gateway reads it as it comes); kept to ``maxlen.out`` entries it grows with
         the session, to tens of MB in an hour. What is read back is recent: the open turn
-        of a VAD takeover (a turn is at most ``vad.fallback.max_turn_duration``), the reply of an
-        LLM resume. The id's time is this process's clock against Redis's, so a skew of
-        seconds moves the cut by as much."""
+        of a VAD takeover (a turn is at most ``vad.fallback.max_turn_duration``; the config
+        refuses a shorter window), the reply of an LLM resume. The id's time is this
+        process's clock against Redis's, so a skew of seconds moves the cut by as much."""
         if self.out_keep_ms and self.keys.kind(stream) == "out":
             return str(max(0, time.time_ns() // 1_000_000 - self.out_keep_ms))
         return "0"
